@@ -1,0 +1,1 @@
+"""Real components the tests run: journald, POP3/IMAP servers, SMTP servers, launchers."""

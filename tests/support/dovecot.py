@@ -1,0 +1,129 @@
+"""A real Dovecot 2.3 on loopback ports, logging through syslog(3) into the journal.
+
+Dovecot's login lines reach journald from its `log` process as _UID=0,
+SYSLOG_IDENTIFIER=dovecot, which is what poplock's default trust rule accepts under a
+plain journald.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from .ports import free_port, wait_for_port
+from .tls import self_signed_certificate
+
+
+class Dovecot:
+    """Dovecot with POP3 and IMAP (plain and implicit TLS) on 127.0.0.1 and ::1.
+
+    Users are `name: password` pairs from a passwd-file. Use it as a context manager.
+    """
+
+    def __init__(self, directory: Path, users: dict[str, str], *, tls: bool = True):
+        self.directory = directory
+        self.users = users
+        self.tls = tls
+        self.pop3_port = free_port()
+        self.imap_port = free_port()
+        self.pop3s_port = free_port()
+        self.imaps_port = free_port()
+
+    def _write_config(self) -> Path:
+        d = self.directory
+        for sub in ("run", "state", "mail"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        d.chmod(0o755)
+        os.chown(d / "mail", _uid("nobody"), -1)
+        (d / "passwd").write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self.users.items()))
+        (d / "passwd").chmod(0o644)
+        if self.tls:
+            certificate, key = self_signed_certificate(d)
+            tls_settings = f"ssl = yes\nssl_cert = <{certificate}\nssl_key = <{key}\n"
+        else:
+            tls_settings = "ssl = no\n"
+        config = d / "dovecot.conf"
+        config.write_text(
+            f"""\
+protocols = pop3 imap
+listen = 127.0.0.1, ::1
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = syslog
+syslog_facility = mail
+auth_verbose = yes
+auth_mechanisms = plain login apop
+disable_plaintext_auth = no
+{tls_settings}mail_location = maildir:{d}/mail/%u
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {d}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home={d}/mail/%u
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = {self.pop3_port}
+  }}
+  inet_listener pop3s {{
+    port = {self.pop3s_port if self.tls else 0}
+  }}
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    port = {self.imaps_port if self.tls else 0}
+  }}
+}}
+"""
+        )
+        return config
+
+    def start(self) -> "Dovecot":
+        config = self._write_config()
+        # Dovecot forks into the background: its output goes to a file, not a pipe
+        # that would stay open as long as the daemon runs.
+        with open(self.directory / "dovecot.out", "wb") as output:
+            subprocess.run(["dovecot", "-c", str(config)], check=True, stdout=output, stderr=output)
+        for port in (self.pop3_port, self.imap_port):
+            wait_for_port("127.0.0.1", port)
+            wait_for_port("::1", port)
+        return self
+
+    def stop(self) -> None:
+        pid_file = self.directory / "run" / "master.pid"
+        try:
+            pid = int(pid_file.read_text())
+        except (OSError, ValueError):
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+
+    def __enter__(self) -> "Dovecot":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _uid(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_uid
