@@ -1,0 +1,36 @@
+"""May this client relay now? The one decision relaylock, poplock-policy and `poplock check` share.
+
+A client may relay when it is in the static allow list or holds a live grant. The
+decision itself is pure; check_relay() reads the allow list and the store, and lets
+their errors propagate so that each caller fails closed in its own way.
+Free of `re` and `os`: relaylock makes this decision once per SMTP connection.
+"""
+
+from poplock.addresses import Network, find_network, load_allow_list
+from poplock.grants import Grant
+from poplock.store import lookup_grant
+
+
+class Decision:
+    __slots__ = ("address", "allowed", "network", "grant")
+
+    def __init__(self, address: str, allowed: bool, network: Network | None, grant: Grant | None):
+        self.address = address
+        self.allowed = allowed
+        self.network = network
+        self.grant = grant
+
+
+def decide(address: str, now: float, networks: list[Network], grant: Grant | None) -> Decision:
+    network = find_network(networks, address)
+    if network is not None:
+        return Decision(address, True, network, grant)
+    return Decision(address, grant is not None and grant.is_live(now), None, grant)
+
+
+def check_relay(config, address: str, now: float) -> Decision:
+    """Static list first (no store access needed), then the store. Raises ConfigError/StoreError."""
+    networks = load_allow_list(config.static_allow_file)
+    if find_network(networks, address) is not None:
+        return decide(address, now, networks, None)
+    return decide(address, now, networks, lookup_grant(config.store_path, address, config.busy_timeout))

@@ -1,0 +1,144 @@
+"""Client addresses and the static allow list (pure).
+
+An address is kept as its canonical text: the form inet_ntop(3) prints, with an
+IPv4-mapped IPv6 address (::ffff:192.0.2.7) turned into the IPv4 address it stands
+for, so the same client has one spelling everywhere: in grants, in the store's keys,
+in lookups. Networks are written as 192.168.0.0/24, 192.168.0.0/255.255.255.0 (as
+smtp-poplock accepted) or 2001:db8::/32; a bare address is a network of one.
+
+relaylock imports this once per SMTP connection, so it uses the C socket module's
+inet_pton/inet_ntop instead of `ipaddress` (which imports `re`, and costs more than
+relaylock's whole budget).
+"""
+
+from _socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+
+from poplock.errors import AddressError, ConfigError
+
+_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
+
+
+def _pack(text: str) -> bytes:
+    """4 or 16 bytes; an IPv4-mapped IPv6 address gives its 4 IPv4 bytes."""
+    try:
+        if ":" in text:
+            packed = inet_pton(AF_INET6, text)
+            return packed[12:] if packed[:12] == _MAPPED_PREFIX else packed
+        return inet_pton(AF_INET, text)
+    except (OSError, ValueError):
+        raise AddressError(f"not an IP address: {text!r}") from None
+
+
+def normalize_address(text: str) -> str:
+    """The canonical spelling of an IPv4 or IPv6 address; AddressError if it is not one."""
+    packed = _pack(text.strip())
+    return inet_ntop(AF_INET if len(packed) == 4 else AF_INET6, packed)
+
+
+class Network:
+    """An IPv4 or IPv6 network; `text` is how the admin wrote it."""
+
+    __slots__ = ("bits", "base", "prefix", "text")
+
+    def __init__(self, bits: int, base: int, prefix: int, text: str):
+        self.bits = bits
+        self.base = base
+        self.prefix = prefix
+        self.text = text
+
+    def __contains__(self, address: str) -> bool:
+        packed = _pack(address)
+        if len(packed) * 8 != self.bits:
+            return False
+        shift = self.bits - self.prefix
+        return int.from_bytes(packed, "big") >> shift == self.base >> shift
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Network) and (self.bits, self.base, self.prefix) == (other.bits, other.base, other.prefix)
+
+    def __hash__(self) -> int:
+        return hash((self.bits, self.base, self.prefix))
+
+    def __str__(self) -> str:
+        family = AF_INET if self.bits == 32 else AF_INET6
+        address = inet_ntop(family, self.base.to_bytes(self.bits // 8, "big"))
+        return address if self.prefix == self.bits else f"{address}/{self.prefix}"
+
+    def __repr__(self) -> str:
+        return f"Network({str(self)!r})"
+
+
+def parse_network(text: str) -> Network:
+    """192.168.0.0/24, 192.168.0.0/255.255.255.0, 2001:db8::/32 or a single address."""
+    text = text.strip()
+    address, slash, length = text.partition("/")
+    packed = _pack(address)
+    bits = len(packed) * 8
+    mapped = bits == 32 and ":" in address  # ::ffff:192.0.2.0/120 is 192.0.2.0/24
+    if not slash:
+        prefix = bits
+    elif length.isdigit():
+        prefix = int(length) - (96 if mapped else 0)
+        if not 0 <= prefix <= bits:
+            raise AddressError(f"prefix length /{length} out of range for {address}")
+    elif bits == 32 and not mapped and "." in length:
+        prefix = _netmask_length(length)
+    else:
+        raise AddressError(f"expected a prefix length or an IPv4 netmask after '/', not {length!r}")
+    base = int.from_bytes(packed, "big")
+    host_bits = base & ((1 << (bits - prefix)) - 1)
+    if host_bits:
+        network = Network(bits, base - host_bits, prefix, text)
+        raise AddressError(f"{text} has host bits set (did you mean {network}?)")
+    return Network(bits, base, prefix, text)
+
+
+def _netmask_length(mask: str) -> int:
+    try:
+        value = int.from_bytes(inet_pton(AF_INET, mask), "big")
+    except OSError:
+        raise AddressError(f"not an IPv4 netmask: {mask!r}") from None
+    length = 32 - ((~value & 0xFFFFFFFF).bit_length())
+    if value != (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF:
+        raise AddressError(f"netmask {mask} is not contiguous")
+    return length
+
+
+def parse_allow_list(text: str, path: str) -> list[Network]:
+    """The static allow list: one address or network per line, `#` starts a comment.
+
+    Raises ConfigError naming the file and line of every bad line.
+    """
+    networks = []
+    problems = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        entry = line.partition("#")[0].strip()
+        if not entry:
+            continue
+        try:
+            networks.append(parse_network(entry))
+        except AddressError as error:
+            problems.append(f"{path}:{number}: {error}; expected an address or network such as 192.168.0.0/24")
+    if problems:
+        raise ConfigError(problems)
+    return networks
+
+
+def load_allow_list(path: str) -> list[Network]:
+    """Read the static allow list; a missing file is an empty list."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError([f"{path}: cannot read: {getattr(error, 'strerror', None) or error}"]) from None
+    return parse_allow_list(text, path)
+
+
+def find_network(networks: list[Network], address: str) -> Network | None:
+    """The first network that holds `address` (a canonical address), or None."""
+    for network in networks:
+        if address in network:
+            return network
+    return None

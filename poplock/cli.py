@@ -1,0 +1,321 @@
+"""poplock: look at and change grants, check a client, scan the journal for logins.
+
+    poplock show [--json]            current grants and the static allow list
+    poplock add ADDRESS [--for 2h]   grant by hand
+    poplock remove ADDRESS           withdraw a grant
+    poplock flush                    withdraw every grant
+    poplock expire                   purge expired grants (poplock-expire.timer)
+    poplock check ADDRESS            exit 0 if that client may relay now, 1 if not
+    poplock scan [...]               print the logins the journal holds, touching nothing
+    poplock config                   check the configuration and print it in effect
+
+Administrative changes are also logged to the journal with their MESSAGE_IDs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+
+from poplock import events
+from poplock.access import check_relay
+from poplock.addresses import load_allow_list, normalize_address
+from poplock.config import SETTINGS, Config, load_config
+from poplock.errors import AddressError, ConfigError, PoplockError, StoreBusyError, StoreError
+from poplock.grants import Grant, merge_grant, split_expired
+from poplock.logs import iso_time, log_event, setup_logging
+from poplock.store import read_snapshot
+from poplock.storewriter import StoreWriter
+from poplock.values import format_timespan, parse_timespan
+
+log = logging.getLogger("poplock.cli")
+
+EX_NOT_ALLOWED = 1  # `poplock check`: the client may not relay
+
+
+def _address(text: str) -> str:
+    try:
+        return normalize_address(text)
+    except AddressError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _timespan(text: str) -> float:
+    try:
+        seconds = parse_timespan(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if seconds < 1:
+        raise argparse.ArgumentTypeError("must be at least 1s")
+    return seconds
+
+
+def parse_since(text: str, now: float) -> float:
+    """--since: an ISO 8601 time (local unless it has an offset), "-1h", "1h ago", "today" or "now"."""
+    word = text.strip()
+    if word == "now":
+        return now
+    if word in ("today", "yesterday"):
+        midnight = datetime.datetime.fromtimestamp(now).replace(hour=0, minute=0, second=0, microsecond=0)
+        return midnight.timestamp() - (86400 if word == "yesterday" else 0)
+    if word.startswith("-") or word.endswith(" ago"):
+        return now - parse_timespan(word.removeprefix("-").removesuffix(" ago"))
+    try:
+        return datetime.datetime.fromisoformat(word).timestamp()
+    except ValueError:
+        raise ValueError(f"expected a time such as 2026-11-26T13:00, -1h, '1h ago', today; not {text!r}") from None
+
+
+def _since(text: str) -> float:
+    try:
+        return parse_since(text, time.time())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+def command_show(config: Config, arguments) -> int:
+    now = time.time()
+    grants, _ = read_snapshot(config.store_path, config.busy_timeout)
+    live, expired = split_expired(grants.values(), now)
+    shown = sorted(live + (expired if arguments.all else []), key=lambda grant: grant.expires_at)
+    networks = load_allow_list(config.static_allow_file)
+    if arguments.json:
+        for grant in shown:
+            _print_json({"kind": "grant", "address": grant.address, "expires": iso_time(grant.expires_at),
+                         "source": grant.source, "login_time": iso_time(grant.login_at),
+                         "live": grant.is_live(now)})
+        for network in networks:
+            _print_json({"kind": "static", "address": str(network), "file": config.static_allow_file})
+        return os.EX_OK
+    rows = [("ADDRESS", "EXPIRES", "SOURCE", "LOGIN")]
+    for grant in shown:
+        expires = iso_time(grant.expires_at) + ("" if grant.is_live(now) else " (expired)")
+        rows.append((grant.address, expires, grant.source, iso_time(grant.login_at)))
+    for network in networks:
+        rows.append((str(network), "never (static)", "static-allowed", "-"))
+    if len(rows) == 1:
+        print("no grants and no static entries")
+        return os.EX_OK
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    return os.EX_OK
+
+
+def command_add(config: Config, arguments) -> int:
+    now = time.time()
+    duration = arguments.duration if arguments.duration is not None else config.window
+    new = Grant(arguments.address, int(now + duration), int(now), "manual")
+    with StoreWriter(config.store_path).transaction() as transaction:
+        grant = merge_grant(transaction.grants.get(arguments.address), new)
+        transaction.grants[arguments.address] = grant
+    log_event(log, logging.INFO, events.GRANT_ADDED, "granted %s until %s by hand", grant.address,
+              iso_time(grant.expires_at), address=grant.address, source="manual", expires=grant.expires_at)
+    print(f"{grant.address} may relay until {iso_time(grant.expires_at)}")
+    return os.EX_OK
+
+
+def command_remove(config: Config, arguments) -> int:
+    with StoreWriter(config.store_path).transaction() as transaction:
+        removed = transaction.grants.pop(arguments.address, None)
+    if removed is None:
+        print(f"{arguments.address}: no grant to remove", file=sys.stderr)
+        return EX_NOT_ALLOWED
+    log_event(log, logging.INFO, events.GRANT_REMOVED, "removed the grant for %s", removed.address,
+              address=removed.address, source=removed.source)
+    print(f"removed the grant for {removed.address}")
+    return os.EX_OK
+
+
+def command_flush(config: Config, arguments) -> int:
+    with StoreWriter(config.store_path).transaction() as transaction:
+        count = len(transaction.grants)
+        transaction.grants.clear()
+    log_event(log, logging.INFO, events.GRANT_REMOVED, "removed all %d grants", count)
+    print(f"removed {count} grants")
+    return os.EX_OK
+
+
+def command_expire(config: Config, arguments) -> int:
+    now = time.time()
+    with StoreWriter(config.store_path).transaction() as transaction:
+        _, expired = split_expired(transaction.grants.values(), now)
+        for grant in expired:
+            del transaction.grants[grant.address]
+        remaining = len(transaction.grants)
+    for grant in expired:
+        log_event(log, logging.INFO, events.GRANT_EXPIRED, "grant for %s expired at %s", grant.address,
+                  iso_time(grant.expires_at), address=grant.address, source=grant.source,
+                  expires=grant.expires_at)
+    print(f"purged {len(expired)} expired grants; {remaining} remain")
+    return os.EX_OK
+
+
+def command_check(config: Config, arguments) -> int:
+    decision = check_relay(config, arguments.address, time.time())
+    if decision.network is not None:
+        reason = f"static network {decision.network.text} ({config.static_allow_file})"
+    elif decision.grant is None:
+        reason = "no grant, and not in the static allow list"
+    elif decision.allowed:
+        grant = decision.grant
+        reason = f"grant until {iso_time(grant.expires_at)} ({grant.source} login at {iso_time(grant.login_at)})"
+    else:
+        reason = f"its grant expired at {iso_time(decision.grant.expires_at)}"
+    verdict = "may relay" if decision.allowed else "may not relay"
+    print(f"{decision.address} {verdict}: {reason}")
+    return os.EX_OK if decision.allowed else EX_NOT_ALLOWED
+
+
+def command_scan(config: Config, arguments) -> int:
+    from poplock.follow import JournalFollower
+    from poplock.logins import LoginParser
+    from poplock.sources import build_sources
+
+    names = arguments.source or list(config.sources)
+    sources = list(build_sources(config, names).values())
+    parser = LoginParser(sources, check_trust=not arguments.all_sources)
+    matches = None if arguments.all_sources else [m for source in sources for m in source.journal_matches()]
+    try:
+        follower = JournalFollower(matches, directory=arguments.directory, files=arguments.file)
+    except OSError as error:
+        raise PoplockError(f"cannot open the journal: {error}") from None
+    if arguments.since is not None:
+        follower.seek(None, arguments.since)
+    try:
+        while True:
+            count = 0
+            for fields, cursor in follower.read(10000):
+                count += 1
+                login = parser.parse(fields) if fields is not None else None
+                if login is None:
+                    continue
+                if arguments.json:
+                    _print_json({"address": login.address, "time": iso_time(login.time), "user": login.user,
+                                 "source": login.source, "cursor": cursor})
+                else:
+                    print(f"{iso_time(login.time)}  {login.address}  {login.source}  user={login.user}")
+            if count == 0:
+                break
+    finally:
+        follower.close()
+    return os.EX_OK
+
+
+def command_config(config: Config, arguments) -> int:
+    from poplock.sources import build_sources
+
+    sources = build_sources(config)
+    section = None
+    for setting in SETTINGS:
+        if setting.section != section:
+            section = setting.section
+            print(f"{'' if setting is SETTINGS[0] else chr(10)}[{section}]")
+        value = getattr(config, setting.attribute)
+        if isinstance(value, tuple):
+            value = " ".join(value)
+        elif isinstance(value, float):
+            value = format_timespan(value)
+        print(f"{setting.key}={value}")
+    for source in sources.values():
+        print(f"\n[Source:{source.name}]")
+        print(f"Identifiers={' '.join(source.identifiers)}")
+        print(f"Units={' '.join(source.units)}")
+        print(f"Users={' '.join(str(uid) for uid in sorted(source.uids))}")
+        for pattern in source.patterns:
+            print(f"Pattern={pattern.pattern}")
+    return os.EX_OK
+
+
+def _print_json(record: dict) -> None:
+    print(json.dumps(record, ensure_ascii=False))
+
+
+# --- arguments and errors -------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    # -c works before or after the command; SUPPRESS keeps a subcommand from resetting it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                        help="configuration file (default /etc/poplock/poplock.conf)")
+    parser = argparse.ArgumentParser(prog="poplock", parents=[common],
+                                     description="POP-before-SMTP relay grants: show, change, check, scan.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    show = commands.add_parser("show", parents=[common], help="list current grants and static entries")
+    show.add_argument("--json", action="store_true", help="one JSON object per line")
+    show.add_argument("--all", action="store_true", help="include expired grants not yet purged")
+    show.set_defaults(run=command_show)
+
+    add = commands.add_parser("add", parents=[common], help="let ADDRESS relay (by hand)")
+    add.add_argument("address", type=_address, metavar="ADDRESS")
+    add.add_argument("--for", dest="duration", type=_timespan, metavar="SPAN",
+                     help="how long (systemd time span; default: the configured Window)")
+    add.set_defaults(run=command_add)
+
+    remove = commands.add_parser("remove", parents=[common], help="withdraw the grant for ADDRESS")
+    remove.add_argument("address", type=_address, metavar="ADDRESS")
+    remove.set_defaults(run=command_remove)
+
+    commands.add_parser("flush", parents=[common], help="withdraw every grant").set_defaults(run=command_flush)
+    commands.add_parser("expire", parents=[common], help="purge expired grants").set_defaults(run=command_expire)
+
+    check = commands.add_parser("check", parents=[common], help="exit 0 if ADDRESS may relay now, 1 if not")
+    check.add_argument("address", type=_address, metavar="ADDRESS")
+    check.set_defaults(run=command_check)
+
+    scan = commands.add_parser("scan", parents=[common], help="print the logins in the journal (changes nothing)")
+    where = scan.add_mutually_exclusive_group()
+    where.add_argument("-D", "--directory", help="read the journal files in DIR")
+    where.add_argument("--file", action="append", metavar="FILE", help="read this journal file (repeatable)")
+    scan.add_argument("--since", type=_since, metavar="TIME", help="start at TIME (2026-11-26T13:00, -1h, today)")
+    scan.add_argument("--source", action="append", metavar="NAME",
+                      help="use this source instead of the watched ones (repeatable; need not be enabled)")
+    scan.add_argument("--all-sources", action="store_true",
+                      help="try the patterns on every entry, whoever wrote it (for checking patterns)")
+    scan.add_argument("--json", action="store_true",
+                      help="one JSON object per line: address, time, user, source, cursor")
+    scan.set_defaults(run=command_scan)
+
+    commands.add_parser("config", parents=[common], help="check the configuration and print it in effect"
+                        ).set_defaults(run=command_config)
+    return parser
+
+
+def _exit_status(error: PoplockError) -> int:
+    if isinstance(error, ConfigError):
+        return os.EX_CONFIG
+    if isinstance(error, StoreBusyError):
+        return os.EX_TEMPFAIL
+    if isinstance(error, StoreError):
+        return os.EX_IOERR
+    return os.EX_SOFTWARE
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    setup_logging("poplock", logging.INFO, stderr_level=logging.WARNING, also_journal=True)
+    try:
+        config = load_config(getattr(arguments, "config", None))
+        return arguments.run(config, arguments)
+    except PoplockError as error:
+        if isinstance(error, ConfigError):
+            log_event(log, logging.ERROR, events.CONFIG_INVALID, "%s", error)
+        else:
+            print(f"poplock: error: {error}", file=sys.stderr)
+        if error.hint:
+            print(error.hint, file=sys.stderr)
+        return _exit_status(error)
+    except BrokenPipeError:
+        return os.EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""poplock's configuration: one declarative table of settings, read from systemd-style INI files.
+
+/etc/poplock/poplock.conf, then /etc/poplock/poplock.conf.d/*.conf in lexical order;
+a later assignment replaces an earlier one (lists too: `Sources=dovecot courier`). The table below
+drives the Config object, the shipped etc/poplock.conf, `poplock config`, and the test
+that poplock.conf(5) documents every setting.
+
+Every problem is collected with its file and line and reported at once. This module is
+imported by relaylock once per SMTP connection, so it stays free of `re`, `os` and
+`dataclasses`; checking [Source:NAME] sections, which needs regular expressions, is
+left to poplock.sources and done only for the programs that read the journal.
+"""
+
+from poplock.errors import ConfigError
+from poplock.inifile import Assignment, read_config_files
+from poplock.values import parse_absolute_path, parse_list, parse_timespan
+
+DEFAULT_PATH = "/etc/poplock/poplock.conf"
+
+
+def _window(text: str) -> float:
+    seconds = parse_timespan(text)
+    if seconds < 1:
+        raise ValueError("must be at least 1s")
+    return seconds
+
+
+def _busy_timeout(text: str) -> float:
+    seconds = parse_timespan(text)
+    if seconds > 5:
+        raise ValueError("must be at most 5s: every SMTP connection may wait this long")
+    return seconds
+
+
+def _relay_client(text: str) -> str:
+    if "\0" in text:
+        raise ValueError("must not contain a NUL character")
+    return text
+
+
+def _policy_action(text: str) -> str:
+    action = text.strip()
+    if not action or "\n" in action:
+        raise ValueError("expected a Postfix access(5) action such as OK or a restriction class name")
+    return action
+
+
+class Setting:
+    """One setting: where it lives, how its value is read, its default and a line of help."""
+
+    __slots__ = ("section", "key", "attribute", "parse", "default", "help")
+
+    def __init__(self, section, key, attribute, parse, default, help):
+        self.section = section
+        self.key = key
+        self.attribute = attribute
+        self.parse = parse
+        self.default = default
+        self.help = help
+
+
+SETTINGS = (
+    Setting("Grants", "Window", "window", _window, "30min",
+            "How long a successful POP3/IMAP login lets that client relay (systemd time span)."),
+    Setting("Grants", "StaticAllowFile", "static_allow_file", parse_absolute_path,
+            "/etc/poplock/static-allowed",
+            "Addresses and networks that may always relay, one per line (a missing file is empty)."),
+    Setting("Store", "Path", "store_path", parse_absolute_path, "/var/lib/poplock/grants.db",
+            "The grant store (a gdbm file, replaced whole on every change)."),
+    Setting("Store", "BusyTimeout", "busy_timeout", _busy_timeout, "20ms",
+            "How long a lookup retries a store that another program holds locked before it refuses the relay."),
+    Setting("Reader", "CursorPath", "cursor_path", parse_absolute_path, "/var/lib/poplock/cursor",
+            "Where poplock-reader keeps its journal cursor."),
+    Setting("Reader", "Sources", "sources", parse_list, "dovecot",
+            "The login sources to watch, by name: built-in servers or [Source:NAME] sections."),
+    Setting("Relaylock", "RelayClient", "relay_client", _relay_client, "",
+            "The value relaylock gives RELAYCLIENT for an allowed client (qpsmtpd needs a non-empty one)."),
+    Setting("Policy", "Action", "policy_action", _policy_action, "OK",
+            "What poplock-policy answers Postfix for a client that may relay; others get DUNNO."),
+)
+
+# [Source:NAME] sections: how poplock finds and trusts one POP3/IMAP server's log entries.
+SOURCE_SECTION_PREFIX = "Source:"
+SOURCE_KEYS = {
+    "Identifiers": "SYSLOG_IDENTIFIER values that select candidate entries (a hint only: anyone can claim one).",
+    "Units": "Trusted: the systemd units the server runs as (_SYSTEMD_UNIT, set by journald).",
+    "Users": "Trusted when the entry has no _SYSTEMD_UNIT, or the source lists no Units: user names or "
+             "uids the server logs as (_UID, from the kernel).",
+    "Pattern": "A regular expression for one successful login, with the named group (?P<address>...) and "
+               "optionally (?P<user>...); repeat to add more. Required for a source that is not built in.",
+    "Hint": "A regular expression for lines that look like logins, for the warning when none of them match.",
+}
+
+_BY_SECTION: dict[str, dict[str, Setting]] = {}
+for _setting in SETTINGS:
+    _BY_SECTION.setdefault(_setting.section, {})[_setting.key] = _setting
+
+
+class Config:
+    """The settings in effect (read-only), plus the raw [Source:NAME] assignments."""
+
+    __slots__ = tuple(setting.attribute for setting in SETTINGS) + ("source_sections", "sources_place", "_frozen")
+
+    def __init__(self, values: dict, source_sections: dict, sources_place: str):
+        for setting in SETTINGS:
+            object.__setattr__(self, setting.attribute, values[setting.attribute])
+        object.__setattr__(self, "source_sections", source_sections)
+        object.__setattr__(self, "sources_place", sources_place)
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Config is read-only")
+
+
+def load_config(path: str | None = None, sections: tuple[str, ...] | None = None) -> Config:
+    """Read the configuration, raising ConfigError with every problem found.
+
+    `path` None means the default file, which may be absent. `sections` limits checking
+    to the sections one program uses (relaylock); None checks everything, including
+    that no section or key is unknown.
+    """
+    items, problems = read_config_files(path or DEFAULT_PATH, required=path is not None)
+    values = {setting.attribute: setting.parse(setting.default) for setting in SETTINGS}
+    source_sections: dict[str, list[Assignment]] = {}
+    sources_place = "the default"
+    for item in items:
+        section = item.section
+        if section.startswith(SOURCE_SECTION_PREFIX):
+            if sections is None:
+                source_sections.setdefault(section[len(SOURCE_SECTION_PREFIX):], [])
+                if isinstance(item, Assignment):
+                    source_sections[section[len(SOURCE_SECTION_PREFIX):]].append(item)
+            continue
+        known = _BY_SECTION.get(section)
+        if known is None:
+            if sections is None and not isinstance(item, Assignment):
+                problems.append(f"{item.path}:{item.line}: [{section}]: unknown section{_suggest(section, _section_names())}")
+            continue
+        if not isinstance(item, Assignment) or (sections is not None and section not in sections):
+            continue
+        setting = known.get(item.key)
+        if setting is None:
+            problems.append(f"{item.place}: [{section}] {item.key}: unknown setting{_suggest(item.key, known)}")
+            continue
+        try:
+            values[setting.attribute] = setting.parse(item.value)
+        except ValueError as error:
+            problems.append(f"{item.place}: [{section}] {item.key}={item.value}: {error}")
+            continue
+        if setting.attribute == "sources":
+            sources_place = item.place
+    if sections is None:
+        problems += _check_source_sections(source_sections)
+    if problems:
+        raise ConfigError(problems)
+    return Config(values, source_sections, sources_place)
+
+
+def _check_source_sections(source_sections: dict[str, list[Assignment]]) -> list[str]:
+    problems = []
+    for name, assignments in source_sections.items():
+        for item in assignments:
+            if item.key not in SOURCE_KEYS:
+                problems.append(f"{item.place}: [Source:{name}] {item.key}: unknown setting{_suggest(item.key, SOURCE_KEYS)}")
+    return problems
+
+
+def _section_names() -> list[str]:
+    return list(_BY_SECTION) + ["Source:NAME"]
+
+
+def _suggest(word: str, choices) -> str:
+    import difflib  # only on the error path: it is costly to import
+
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def render_default_config() -> str:
+    """The shipped etc/poplock.conf: every setting, commented out at its default."""
+    out = [
+        "# poplock configuration: see poplock.conf(5).",
+        "# Drop-ins in /etc/poplock/poplock.conf.d/*.conf override this file, in lexical order.",
+        "# Every setting is shown commented out at its default.",
+    ]
+    section = None
+    for setting in SETTINGS:
+        if setting.section != section:
+            section = setting.section
+            out += ["", f"[{section}]"]
+        out += [f"# {setting.help}", f"#{setting.key}={setting.default}"]
+    out += [
+        "",
+        "# Sources: how poplock finds and trusts one server's log entries. A built-in source",
+        "# (see poplock.conf(5)) can be adjusted, or a new one defined, in a [Source:NAME] section:",
+        "#",
+        "# Trust rule: an entry counts only when fields that journald itself sets say it came",
+        "# from the server. If the entry carries _SYSTEMD_UNIT and the source lists Units, the",
+        "# unit must be one of them; otherwise its _UID must be one of Users. SYSLOG_IDENTIFIER",
+        "# only selects candidate entries: any local user can claim one with logger -t dovecot.",
+        "#",
+        "#[Source:NAME]",
+    ]
+    for key, help in SOURCE_KEYS.items():
+        out += [f"# {help}", f"#{key}="]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,82 @@
+"""Grants: which client may relay until when (pure: time is always an argument).
+
+A grant is address -> (expires_at, login_at, source), times in whole seconds since the
+epoch. It is stored as a small versioned text value, readable with any gdbm tool:
+
+    1 <expires_at> <login_at> <source>      e.g.  b"1 1795701614 1795699814 dovecot"
+
+A newer login extends a grant; an older one (a late or replayed entry) never shortens
+it. Expiry is checked when a grant is read, so an expired grant allows nothing even
+before `poplock expire` purges it.
+
+Free of imports: relaylock decodes grants once per SMTP connection.
+"""
+
+FORMAT_VERSION = b"1"
+
+
+class Grant:
+    __slots__ = ("address", "expires_at", "login_at", "source")
+
+    def __init__(self, address: str, expires_at: int, login_at: int, source: str):
+        self.address = address
+        self.expires_at = expires_at
+        self.login_at = login_at
+        self.source = source
+
+    def is_live(self, now: float) -> bool:
+        return now < self.expires_at
+
+    def _fields(self):
+        return (self.address, self.expires_at, self.login_at, self.source)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Grant) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return "Grant(address=%r, expires_at=%r, login_at=%r, source=%r)" % self._fields()
+
+
+class GrantDecodeError(ValueError):
+    """A stored value that is not a grant of a format this version understands."""
+
+
+def grant_for_login(address: str, login_at: float, window: float, source: str) -> Grant:
+    login = int(login_at)
+    return Grant(address, login + int(window), login, source)
+
+
+def merge_grant(existing: Grant | None, new: Grant) -> Grant:
+    """The grant that results from `new` arriving while `existing` is stored.
+
+    The later expiry always wins; the login time and source follow the newer login.
+    """
+    if existing is None:
+        return new
+    newer = new if new.login_at >= existing.login_at else existing
+    return Grant(new.address, max(existing.expires_at, new.expires_at), newer.login_at, newer.source)
+
+
+def encode_grant(grant: Grant) -> bytes:
+    return b"%s %d %d %s" % (FORMAT_VERSION, grant.expires_at, grant.login_at, grant.source.encode())
+
+
+def decode_grant(address: str, value: bytes) -> Grant:
+    parts = value.split(b" ", 3)
+    if len(parts) != 4 or parts[0] != FORMAT_VERSION:
+        raise GrantDecodeError(f"unknown grant format for {address}: {value[:60]!r}")
+    try:
+        return Grant(address, int(parts[1]), int(parts[2]), parts[3].decode())
+    except (ValueError, UnicodeDecodeError):
+        raise GrantDecodeError(f"malformed grant for {address}: {value[:60]!r}") from None
+
+
+def split_expired(grants, now: float) -> tuple[list[Grant], list[Grant]]:
+    """(live, expired) grants at `now`."""
+    live, expired = [], []
+    for grant in grants:
+        (live if grant.is_live(now) else expired).append(grant)
+    return live, expired

@@ -1,0 +1,289 @@
+"""poplock-reader: turns successful POP3/IMAP logins in the journal into grants.
+
+It follows the journal (only entries the watched sources may have written), parses
+each, writes grants in one store transaction per batch, and only then saves the
+journal cursor. So a restart, kill -9, rotation or vacuum neither loses a login (the
+cursor never passes an entry whose grant is not committed) nor replays one in a way
+that matters (re-applying a login changes nothing). A login read after its window has
+passed (catch-up after downtime) grants nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from poplock import events
+from poplock.config import Config, load_config
+from poplock.cursor import CursorFileError, load_cursor, save_cursor
+from poplock.errors import ConfigError, StoreError
+from poplock.follow import JournalFollower, Position
+from poplock.grants import grant_for_login, merge_grant
+from poplock.logins import Login, LoginParser
+from poplock.logs import iso_time, log_event, setup_logging
+from poplock.sources import Source, build_sources
+from poplock.storewriter import StoreWriter
+
+log = logging.getLogger("poplock.reader")
+
+BATCH = 2000  # entries per store transaction when catching up
+RETRY_PAUSES = (1, 2, 5, 10, 30)  # seconds between attempts while the store cannot be written
+
+
+def _notify(message: str) -> None:
+    from systemd import daemon
+
+    daemon.notify(message)
+
+
+class Reader:
+    """The reader loop, with its I/O handed in: a follower, a store writer, a clock, sd_notify."""
+
+    def __init__(self, config: Config, sources: list[Source], follower: JournalFollower, writer: StoreWriter,
+                 *, clock: Callable[[], float] = time.time, notify: Callable[[str], None] = _notify):
+        self.config = config
+        self.sources = sources
+        self.parser = LoginParser(sources)
+        self.follower = follower
+        self.writer = writer
+        self.clock = clock
+        self.notify = notify
+        self.cursor: str | None = None
+        self.grant_count: int | None = None
+        self.last_login: Login | None = None
+
+    def restore_position(self) -> None:
+        """Load the saved cursor and position the follower just after it."""
+        fallback = self.clock() - self.config.window
+        try:
+            self.cursor = load_cursor(self.config.cursor_path)
+        except CursorFileError as error:
+            log_event(log, logging.WARNING, events.CURSOR_RESET, "%s; starting one window back, at %s",
+                      error, iso_time(fallback))
+            self.cursor = None
+            self.follower.seek(None, fallback)
+            return
+        position = self.follower.seek(self.cursor, fallback)
+        if position == Position.RESUMED:
+            log.info("resuming after the saved journal position")
+        elif position == Position.ENTRY_GONE:
+            log_event(log, logging.WARNING, events.CURSOR_RESET,
+                      "the saved journal entry is gone (rotated or vacuumed); continuing with the next entry")
+        elif position == Position.CURSOR_INVALID:
+            log_event(log, logging.WARNING, events.CURSOR_RESET,
+                      "the journal does not know the saved cursor; starting one window back, at %s",
+                      iso_time(fallback))
+        else:
+            log.info("no saved journal position; starting one window back, at %s", iso_time(fallback))
+
+    def process_available(self) -> int:
+        """Read, grant and checkpoint every entry available now; returns how many were read."""
+        total = 0
+        while True:
+            logins, last_cursor, count = self._read_batch()
+            if count == 0:
+                return total
+            self._commit(logins)
+            self._save_cursor(last_cursor)
+            total += count
+            if count < BATCH:
+                return total
+
+    def _read_batch(self) -> tuple[list[tuple[Login, dict]], str | None, int]:
+        logins = []
+        last_cursor = None
+        count = 0
+        for fields, cursor in self.follower.read(BATCH):
+            count += 1
+            last_cursor = cursor
+            if fields is None:
+                continue
+            try:
+                login = self.parser.parse(fields)
+            except Exception:  # a bad entry is logged and skipped, never fatal
+                log.exception("skipping a journal entry that could not be parsed (%s)", cursor)
+                continue
+            if login is not None:
+                logins.append((login, fields))
+        return logins, last_cursor, count
+
+    def _commit(self, logins: list[tuple[Login, dict]]) -> None:
+        now = self.clock()
+        window = self.config.window
+        changes = []
+        with self.writer.transaction() as transaction:
+            for login, fields in logins:
+                if login.time + window <= now:
+                    changes.append(("too-old", login, fields, None))
+                    continue
+                # A timestamp ahead of our clock (another host's journal) must not stretch a grant.
+                new = grant_for_login(login.address, min(login.time, now), window, login.source)
+                old = transaction.grants.get(login.address)
+                merged = merge_grant(old, new)
+                transaction.grants[login.address] = merged
+                if merged == old:
+                    kind = "unchanged"  # an older or re-read login
+                elif old is None or not old.is_live(now):
+                    kind = "granted"
+                else:
+                    kind = "extended"
+                changes.append((kind, login, fields, merged))
+            self.grant_count = len(transaction.grants)
+        for kind, login, fields, grant in changes:  # reported once committed
+            self._report(kind, login, fields, grant)
+
+    def _report(self, kind: str, login: Login, fields: dict, grant) -> None:
+        unit = fields.get("_SYSTEMD_UNIT")
+        if kind == "too-old":
+            log_event(log, logging.INFO, events.LOGIN_TOO_OLD,
+                      "login from %s at %s is older than the window; no grant",
+                      login.address, iso_time(login.time), address=login.address, source=login.source, unit=unit)
+            return
+        if kind == "unchanged":
+            log.debug("login from %s at %s changes nothing", login.address, iso_time(login.time))
+            return
+        self.last_login = login
+        event = events.LOGIN_GRANTED if kind == "granted" else events.GRANT_EXTENDED
+        log_event(log, logging.INFO, event, "%s %s until %s (%s login)",
+                  "granted" if kind == "granted" else "extended", login.address, iso_time(grant.expires_at),
+                  login.source, address=login.address, source=login.source, unit=unit, expires=grant.expires_at)
+        log.debug("login by user %r from %s", login.user, login.address)
+
+    def _save_cursor(self, cursor: str | None) -> None:
+        if cursor is None:
+            return
+        save_cursor(self.config.cursor_path, cursor)
+        self.cursor = cursor
+
+    def status(self) -> str:
+        parts = [f"watching {', '.join(source.name for source in self.sources)}"]
+        if self.grant_count is not None:
+            parts.append(f"{self.grant_count} grants stored")
+        if self.last_login is not None:
+            parts.append(f"last login {self.last_login.address} at {iso_time(self.last_login.time)}")
+        return "; ".join(parts)
+
+    def catch_up_after_store_error(self, error: StoreError, attempt: int) -> float:
+        """Log, go back to the last saved position, and say how long to pause."""
+        log_event(log, logging.ERROR, events.STORE_FAILED, "%s; will retry", error)
+        self.follower.reopen(self.cursor, self.clock() - self.config.window)
+        return RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
+
+
+class _Stop:
+    """SIGTERM/SIGINT set a flag and wake the select() through a self-pipe."""
+
+    def __init__(self):
+        self.requested = False
+        self.read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(write_fd)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.read_fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+
+def _watchdog_interval() -> float | None:
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6
+
+
+def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
+    stop = _Stop()
+    reader.restore_position()
+    reader.notify("READY=1\nSTATUS=" + reader.status())
+    log_event(log, logging.INFO, events.READER_STARTED, "following the journal for %s",
+              ", ".join(source.name for source in reader.sources))
+    watchdog = _watchdog_interval()
+    last_ping = time.monotonic()
+    attempt = 0
+    while not stop.requested:
+        pause = None
+        try:
+            if reader.process_available():
+                reader.notify("STATUS=" + reader.status())
+            attempt = 0
+        except StoreError as error:
+            if once:
+                log_event(log, logging.ERROR, events.STORE_FAILED, "%s", error)
+                return os.EX_TEMPFAIL
+            pause = reader.catch_up_after_store_error(error, attempt)
+            attempt += 1
+        except OSError as error:  # cursor file or journal trouble: go back to the saved position
+            log_event(log, logging.ERROR, events.STORE_FAILED, "reading on failed: %s; will retry", error)
+            if once:
+                return os.EX_IOERR
+            pause = RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
+            attempt += 1
+            follower.reopen(reader.cursor, reader.clock() - reader.config.window)
+        if once and pause is None:
+            break
+        if watchdog and time.monotonic() - last_ping >= watchdog / 2:
+            reader.notify("WATCHDOG=1")
+            last_ping = time.monotonic()
+        timeout = pause if pause is not None else (watchdog / 2 if watchdog else None)
+        readable, _, _ = select.select([follower.fileno(), stop.read_fd], [], [], timeout)
+        if stop.read_fd in readable:
+            stop.drain()
+        if pause is None:
+            follower.process()
+    reader.notify("STOPPING=1")
+    log.info("stopping")
+    follower.close()
+    return os.EX_OK
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="poplock-reader",
+        description="Grant relaying to clients that logged in to the POP3/IMAP server, from the journal.",
+    )
+    parser.add_argument("-c", "--config", help="configuration file (default /etc/poplock/poplock.conf)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("-D", "--directory", help="read the journal files in DIR instead of the system journal")
+    where.add_argument("--file", action="append", metavar="FILE", help="read this journal file (repeatable)")
+    parser.add_argument("--once", action="store_true", help="process what is in the journal now, then exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each decision (user names included)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    setup_logging("poplock-reader", logging.DEBUG if arguments.verbose else logging.INFO)
+    try:
+        config = load_config(arguments.config)
+        all_sources = build_sources(config)
+    except ConfigError as error:
+        log_event(log, logging.ERROR, events.CONFIG_INVALID, "%s", error)
+        _notify(f"STATUS=invalid configuration: {error.problems[0]}")
+        return os.EX_CONFIG
+    sources = [all_sources[name] for name in config.sources]
+    matches = [match for source in sources for match in source.journal_matches()]
+    try:
+        follower = JournalFollower(matches, directory=arguments.directory, files=arguments.file)
+    except OSError as error:
+        print(f"poplock-reader: error: cannot open the journal: {error}", file=sys.stderr)
+        return os.EX_NOINPUT
+    reader = Reader(config, sources, follower, StoreWriter(config.store_path))
+    return run(reader, follower, once=arguments.once)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The grant store, read side: a gdbm file that is never changed in place.
+
+How one writer and many readers share it (LMDB-style):
+
+  * The file at Store.Path is a complete, immutable snapshot. A writer (poplock-reader,
+    or `poplock add/remove/flush/expire`) takes an exclusive lock on PATH.lock, writes
+    every grant into PATH.new, fsyncs it and renames it over PATH, which is atomic. See
+    storewriter.py.
+  * A reader opens PATH and sees the old snapshot or the new one, whole, never a mix:
+    a snapshot is never written after it is published, and a reader that opened the
+    old file keeps reading it after the rename.
+  * gdbm's own lock is exclusive between a writer and readers: opening with
+    GDBM_READER fails with EAGAIN while anything has that file open for writing.
+    poplock's writers never open a published snapshot for writing, so a reader meets
+    EAGAIN only when some other program (gdbmtool, a script) writes PATH in place.
+    Then it retries for Store.BusyTimeout (default 20ms) and fails closed with
+    StoreBusyError: no relay, but mail still flows.
+
+relaylock imports this once per SMTP connection: only `_gdbm` and `time` here.
+"""
+
+import time
+
+import _gdbm
+
+from poplock.errors import StoreBusyError, StoreCorruptError, StoreError
+from poplock.grants import Grant, GrantDecodeError, decode_grant
+
+_EAGAIN = 11
+_ENOENT = 2
+_RETRY_PAUSE = 0.001
+
+
+def open_snapshot(path: str, busy_timeout: float):
+    """The published snapshot opened read-only, or None when there is none yet.
+
+    Raises StoreBusyError after `busy_timeout` seconds of EAGAIN, StoreCorruptError
+    when the file is not a gdbm file, StoreError when it cannot be read at all.
+    """
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            return _gdbm.open(path, "r")
+        except _gdbm.error as error:
+            code = error.args[0] if error.args and isinstance(error.args[0], int) else None
+            if code == _ENOENT:
+                return None
+            if code is None:
+                raise StoreCorruptError(f"the grant store {path} is not a readable gdbm file: {error}") from None
+            if code != _EAGAIN:
+                raise StoreError(f"cannot read the grant store {path}: {error.args[-1]}") from None
+        if time.monotonic() >= deadline:
+            raise StoreBusyError(
+                f"the grant store {path} stayed locked by another program for more than "
+                f"{busy_timeout * 1000:.0f}ms"
+            )
+        time.sleep(_RETRY_PAUSE)
+
+
+def lookup_grant(path: str, address: str, busy_timeout: float) -> Grant | None:
+    """The stored grant for a canonical address, live or not; None if there is none.
+
+    A value this version cannot decode is a StoreError: the caller refuses the relay.
+    """
+    snapshot = open_snapshot(path, busy_timeout)
+    if snapshot is None:
+        return None
+    try:
+        value = snapshot.get(address.encode())
+    finally:
+        snapshot.close()
+    if value is None:
+        return None
+    try:
+        return decode_grant(address, value)
+    except GrantDecodeError as error:
+        raise StoreError(f"{path}: {error}") from None
+
+
+def read_snapshot(path: str, busy_timeout: float) -> tuple[dict, dict]:
+    """Every entry: (grants by address, undecodable raw values by raw key)."""
+    snapshot = open_snapshot(path, busy_timeout)
+    grants: dict[str, Grant] = {}
+    undecodable: dict[bytes, bytes] = {}
+    if snapshot is None:
+        return grants, undecodable
+    try:
+        key = snapshot.firstkey()
+        while key is not None:
+            value = snapshot[key]
+            try:
+                address = key.decode()
+                grants[address] = decode_grant(address, value)
+            except (UnicodeDecodeError, GrantDecodeError):
+                undecodable[key] = value
+            key = snapshot.nextkey(key)
+    except _gdbm.error as error:
+        raise StoreError(f"cannot read the grant store {path}: {error}") from None
+    finally:
+        snapshot.close()
+    return grants, undecodable

@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import pytest
+
+from poplock.config import SETTINGS, load_config, render_default_config
+from poplock.errors import ConfigError
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_without_a_configuration_file_every_setting_has_its_default(tmp_path):
+    config = load_config(None) if not Path("/etc/poplock/poplock.conf").exists() else None
+    if config is None:  # a host with poplock installed: read an empty file instead
+        config = load_config(str(write(tmp_path / "empty.conf", "")))
+    assert config.window == 1800
+    assert config.store_path == "/var/lib/poplock/grants.db"
+    assert config.cursor_path == "/var/lib/poplock/cursor"
+    assert config.static_allow_file == "/etc/poplock/static-allowed"
+    assert config.sources == ("dovecot",)
+    assert config.busy_timeout == pytest.approx(0.02)
+
+
+def test_drop_ins_are_read_in_lexical_order_and_the_last_assignment_wins(tmp_path):
+    main = write(tmp_path / "poplock.conf", "[Grants]\nWindow=10min\n")
+    write(tmp_path / "poplock.conf.d" / "20-late.conf", "[Grants]\nWindow=1h\n")
+    write(tmp_path / "poplock.conf.d" / "10-early.conf", "[Grants]\nWindow=5min\n[Store]\nPath=/srv/g.db\n")
+    write(tmp_path / "poplock.conf.d" / "ignored.txt", "[Grants]\nWindow=9h\n")
+    config = load_config(str(main))
+    assert config.window == 3600
+    assert config.store_path == "/srv/g.db"
+
+
+def test_every_problem_is_reported_at_once_with_its_file_and_line(tmp_path):
+    main = write(tmp_path / "poplock.conf", "# comment\n[Grants]\nWindw=10min\nWindow=soon\n")
+    drop_in = write(tmp_path / "poplock.conf.d" / "10-site.conf", "[Store]\nPath=relative/grants.db\n[Stor]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(main))
+    problems = caught.value.problems
+    assert problems == [
+        f"{main}:3: [Grants] Windw: unknown setting (did you mean Window?)",
+        f"{main}:4: [Grants] Window=soon: expected a time span such as 30min or 1h 30min, not 'soon'",
+        f"{drop_in}:2: [Store] Path=relative/grants.db: must be an absolute path",
+        f"{drop_in}:3: [Stor]: unknown section (did you mean Store?)",
+    ]
+    assert str(caught.value).startswith("invalid configuration:\n  ")
+
+
+def test_lines_that_are_not_ini_are_errors_naming_the_line(tmp_path):
+    main = write(tmp_path / "poplock.conf", "Window=1h\n[Grants\n[Grants]\njust words\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(main))
+    assert caught.value.problems == [
+        f"{main}:1: Window= stands before any [Section] header",
+        f"{main}:2: expected a section header such as [Grants]",
+        f"{main}:4: expected Key=Value or a [Section] header, not 'just words'",
+    ]
+
+
+def test_a_trailing_backslash_continues_a_line(tmp_path):
+    main = write(tmp_path / "poplock.conf", "[Reader]\nSources=dovecot \\\n  dovecot\n")
+    assert load_config(str(main)).sources == ("dovecot", "dovecot")
+
+
+def test_a_configuration_file_named_on_the_command_line_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(tmp_path / "missing.conf"))
+
+
+def test_a_window_shorter_than_a_second_is_refused(tmp_path):
+    main = write(tmp_path / "poplock.conf", "[Grants]\nWindow=500ms\n")
+    with pytest.raises(ConfigError, match="at least 1s"):
+        load_config(str(main))
+
+
+def test_a_program_can_check_only_the_sections_it_uses(tmp_path):
+    main = write(tmp_path / "poplock.conf", "[Store]\nPath=/srv/g.db\n[Reader]\nBogus=1\n[Nonsense]\n")
+    config = load_config(str(main), sections=("Grants", "Store", "Relaylock"))
+    assert config.store_path == "/srv/g.db"
+    with pytest.raises(ConfigError):
+        load_config(str(main))
+
+
+def test_source_sections_only_accept_known_keys(tmp_path):
+    main = write(tmp_path / "poplock.conf", "[Source:dovecot]\nUnit=dovecot.service\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(main))
+    assert caught.value.problems == [f"{main}:2: [Source:dovecot] Unit: unknown setting (did you mean Units?)"]
+
+
+def test_the_shipped_configuration_shows_every_setting_commented_at_its_default():
+    shipped = (REPOSITORY / "etc" / "poplock.conf").read_text()
+    assert shipped == render_default_config()
+    for setting in SETTINGS:
+        assert f"\n#{setting.key}={setting.default}\n" in shipped
+
+
+def test_the_shipped_configuration_uncommented_gives_the_defaults(tmp_path):
+    shipped = (REPOSITORY / "etc" / "poplock.conf").read_text()
+    lines = [line[1:] if line.startswith("#") and "=" in line and not line.startswith("# ") else line
+             for line in shipped.splitlines()]
+    # The [Source:NAME] template is an example, not a setting.
+    active = "\n".join(lines).split("#[Source:NAME]")[0]
+    config = load_config(str(write(tmp_path / "poplock.conf", active)))
+    for setting in SETTINGS:
+        assert getattr(config, setting.attribute) == setting.parse(setting.default)

@@ -1,0 +1,60 @@
+import pytest
+
+from poplock.grants import (Grant, GrantDecodeError, decode_grant, encode_grant, grant_for_login, merge_grant,
+                            split_expired)
+
+LOGIN_AT = 1_795_699_814
+
+
+def test_a_login_grants_until_its_time_plus_the_window():
+    grant = grant_for_login("192.0.2.7", LOGIN_AT + 0.614, 1800, "dovecot")
+    assert grant == Grant("192.0.2.7", LOGIN_AT + 1800, LOGIN_AT, "dovecot")
+
+
+def test_a_grant_is_live_until_the_second_it_expires():
+    grant = Grant("192.0.2.7", LOGIN_AT + 1800, LOGIN_AT, "dovecot")
+    assert grant.is_live(LOGIN_AT + 1799.9)
+    assert not grant.is_live(LOGIN_AT + 1800)
+
+
+def test_a_newer_login_extends_a_grant():
+    old = grant_for_login("192.0.2.7", LOGIN_AT, 1800, "dovecot")
+    new = grant_for_login("192.0.2.7", LOGIN_AT + 600, 1800, "courier")
+    assert merge_grant(old, new) == Grant("192.0.2.7", LOGIN_AT + 2400, LOGIN_AT + 600, "courier")
+
+
+def test_an_older_login_never_shortens_a_grant():
+    current = grant_for_login("192.0.2.7", LOGIN_AT + 600, 1800, "dovecot")
+    late = grant_for_login("192.0.2.7", LOGIN_AT, 1800, "courier")
+    assert merge_grant(current, late) == current
+
+
+def test_a_longer_grant_by_hand_is_not_shortened_by_a_later_login():
+    by_hand = Grant("192.0.2.7", LOGIN_AT + 7200, LOGIN_AT, "manual")
+    login = grant_for_login("192.0.2.7", LOGIN_AT + 60, 1800, "dovecot")
+    merged = merge_grant(by_hand, login)
+    assert merged.expires_at == LOGIN_AT + 7200
+    assert (merged.login_at, merged.source) == (LOGIN_AT + 60, "dovecot")
+
+
+def test_re_reading_the_same_login_changes_nothing():
+    grant = grant_for_login("192.0.2.7", LOGIN_AT, 1800, "dovecot")
+    assert merge_grant(grant, grant_for_login("192.0.2.7", LOGIN_AT, 1800, "dovecot")) == grant
+
+
+def test_grants_are_stored_as_small_versioned_text():
+    grant = Grant("2001:db8::7", LOGIN_AT + 1800, LOGIN_AT, "dovecot")
+    assert encode_grant(grant) == b"1 1795701614 1795699814 dovecot"
+    assert decode_grant("2001:db8::7", encode_grant(grant)) == grant
+
+
+@pytest.mark.parametrize("value", [b"", b"2 1 2 x", b"1 soon 2 x", b"1 1 2", b"\xff\xfe"])
+def test_a_value_of_another_format_is_refused_not_guessed(value):
+    with pytest.raises(GrantDecodeError):
+        decode_grant("192.0.2.7", value)
+
+
+def test_expired_and_live_grants_are_told_apart_at_a_given_time():
+    live = Grant("192.0.2.1", LOGIN_AT + 10, LOGIN_AT, "dovecot")
+    expired = Grant("192.0.2.2", LOGIN_AT - 10, LOGIN_AT - 1810, "dovecot")
+    assert split_expired([live, expired], LOGIN_AT) == ([live], [expired])
