@@ -23,8 +23,12 @@ class Dovecot:
     Users are `name: password` pairs from a passwd-file. Use it as a context manager.
     """
 
-    def __init__(self, directory: Path, users: dict[str, str], *, tls: bool = True):
+    def __init__(self, directory: Path, users: dict[str, str], *, tls: bool = True,
+                 identifier: str = "dovecot"):
+        """`identifier`: Dovecot's instance_name, which is also its syslog identifier; a test
+        gives its own Dovecot a unique one so that other Dovecots' logins never mix in."""
         self.directory = directory
+        self.identifier = identifier
         self.users = users
         self.tls = tls
         self.pop3_port = free_port()
@@ -37,6 +41,13 @@ class Dovecot:
         for sub in ("run", "state", "mail"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         d.chmod(0o755)
+        # Dovecot's auth and mail processes run as other users: they must reach this
+        # directory through temporary parents that are private to root.
+        for parent in d.parents:
+            if parent == Path("/"):
+                break
+            if parent.stat().st_mode & 0o001 == 0:
+                parent.chmod(parent.stat().st_mode | 0o001)
         os.chown(d / "mail", _uid("nobody"), -1)
         (d / "passwd").write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self.users.items()))
         (d / "passwd").chmod(0o644)
@@ -48,6 +59,7 @@ class Dovecot:
         config = d / "dovecot.conf"
         config.write_text(
             f"""\
+instance_name = {self.identifier}
 protocols = pop3 imap
 listen = 127.0.0.1, ::1
 base_dir = {d}/run

@@ -1,0 +1,111 @@
+"""poplock's own programs as the tests run them: a configuration under a temporary
+directory, the CLI, and poplock-reader as a daemon that reports readiness over sd_notify."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .notify import NotifySocket
+
+BIN = Path(sys.executable).parent
+
+
+def command(name: str) -> str:
+    """The path of one of poplock's executables in the environment running the tests."""
+    path = BIN / name
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: run the tests with the README's test command")
+    return str(path)
+
+
+class Setup:
+    """A configuration file and the store, cursor and allow list it points at, all under one directory."""
+
+    def __init__(self, directory: Path, window: str = "30min", extra: str = ""):
+        self.directory = directory
+        self.config = directory / "poplock.conf"
+        self.store = directory / "grants.db"
+        self.cursor = directory / "cursor"
+        self.static = directory / "static-allowed"
+        self.write(window=window, extra=extra)
+
+    def write(self, window: str = "30min", extra: str = "") -> Path:
+        self.config.write_text(
+            f"[Grants]\nWindow={window}\nStaticAllowFile={self.static}\n\n"
+            f"[Store]\nPath={self.store}\n\n"
+            f"[Reader]\nCursorPath={self.cursor}\n" + extra
+        )
+        return self.config
+
+    def run(self, *arguments: str, check: bool = False) -> subprocess.CompletedProcess:
+        """`poplock -c CONFIG ARGUMENTS...`, run to completion."""
+        return subprocess.run([command("poplock"), "-c", str(self.config), *arguments],
+                              capture_output=True, text=True, check=check, timeout=60)
+
+    def run_reader(self, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`poplock-reader -c CONFIG --once ARGUMENTS...`, run to completion."""
+        environment = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
+        return subprocess.run([command("poplock-reader"), "-c", str(self.config), "--once", *arguments],
+                              capture_output=True, text=True, check=check, timeout=120, env=environment)
+
+    def may_relay(self, address: str) -> bool:
+        return self.run("check", address).returncode == 0
+
+    def wait_until_allowed(self, address: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.may_relay(address):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} was not granted within {timeout}s")
+            time.sleep(0.02)
+
+
+class ReaderProcess:
+    """poplock-reader following the journal, started and stopped like systemd would."""
+
+    def __init__(self, setup: Setup, *arguments: str, environment: dict[str, str] | None = None):
+        self.setup = setup
+        self.notify = NotifySocket(setup.directory)
+        env = {key: value for key, value in os.environ.items() if key not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env.update(self.notify.environment)
+        env.update(environment or {})
+        self.log = setup.directory / "reader.log"
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [command("poplock-reader"), "-c", str(setup.config), *arguments],
+                stdout=log, stderr=log, env=env,
+            )
+        try:
+            self.notify.wait_for("READY=1")
+        except TimeoutError:
+            self.kill()
+            raise
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, as `systemctl stop` sends; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(timeout)
+        self.notify.close()
+        return status
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would end it."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(15)
+        self.notify.close()
+
+    def __enter__(self) -> "ReaderProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.stop()
