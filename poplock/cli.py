@@ -82,7 +82,7 @@ def _since(text: str) -> float:
 
 def command_show(config: Config, arguments) -> int:
     now = time.time()
-    grants, _ = read_snapshot(config.store_path, config.busy_timeout)
+    grants = read_snapshot(config.store_path, config.busy_timeout).grants
     live, expired = split_expired(grants.values(), now)
     shown = sorted(live + (expired if arguments.all else []), key=lambda grant: grant.expires_at)
     networks = load_allow_list(config.static_allow_file)

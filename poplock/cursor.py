@@ -1,8 +1,9 @@
-"""The reader's journal position on disk: an opaque journal cursor, replaced atomically.
+"""The reader's journal position in a file of its own: an opaque journal cursor, replaced atomically.
 
-It is written only after the grants for every entry up to it are committed, so a
-crash can at worst re-read entries whose grants are already stored; re-applying such
-a login changes nothing (an older or equal login never shortens a grant).
+The cursor is first committed inside the store snapshot together with the grants it
+covers (see reader.py); this file is written after that, and is what the reader
+resumes from when the store has no cursor (a new or removed store), so that old
+logins are not read again.
 """
 
 from __future__ import annotations

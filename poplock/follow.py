@@ -43,10 +43,11 @@ class JournalFollower:
         self._pending = False  # the current entry is positioned on but not yet read
 
     def _open(self) -> journal._Reader:
+        # sd_journal_open_directory/_files take no flags: 0 must be given explicitly.
         if self.directory is not None:
-            reader = journal._Reader(path=self.directory)
+            reader = journal._Reader(flags=0, path=self.directory)
         elif self.files is not None:
-            reader = journal._Reader(files=self.files)
+            reader = journal._Reader(flags=0, files=self.files)
         else:
             reader = journal._Reader(flags=journal.LOCAL_ONLY | journal.SYSTEM)
         for match in self.matches or ():

@@ -1,10 +1,11 @@
 """poplock-reader: turns successful POP3/IMAP logins in the journal into grants.
 
 It follows the journal (only entries the watched sources may have written), parses
-each, writes grants in one store transaction per batch, and only then saves the
-journal cursor. So a restart, kill -9, rotation or vacuum neither loses a login (the
-cursor never passes an entry whose grant is not committed) nor replays one in a way
-that matters (re-applying a login changes nothing). A login read after its window has
+each, and commits each batch's grants together with the journal cursor that covers
+them, in one store snapshot; the cursor file is written right after, as a second
+copy. So a restart, kill -9, rotation or vacuum neither loses a login (the cursor
+never passes an entry whose grant is not committed) nor replays one (a committed
+cursor always covers exactly the committed grants). A login read after its window has
 passed (catch-up after downtime) grants nothing.
 """
 
@@ -28,6 +29,7 @@ from poplock.grants import grant_for_login, merge_grant
 from poplock.logins import Login, LoginParser
 from poplock.logs import iso_time, log_event, setup_logging
 from poplock.sources import Source, build_sources
+from poplock.store import read_snapshot
 from poplock.storewriter import StoreWriter
 
 log = logging.getLogger("poplock.reader")
@@ -58,11 +60,22 @@ class Reader:
         self.grant_count: int | None = None
         self.last_login: Login | None = None
 
+    @property
+    def _cursor_key(self) -> str:
+        # Per cursor file, so that two readers (say, local and aggregated journals) can share a store.
+        return "cursor:" + self.config.cursor_path
+
     def restore_position(self) -> None:
-        """Load the saved cursor and position the follower just after it."""
+        """Load the committed cursor and position the follower just after it."""
         fallback = self.clock() - self.config.window
         try:
-            self.cursor = load_cursor(self.config.cursor_path)
+            self.cursor = read_snapshot(self.config.store_path, busy_timeout=1.0).metadata.get(self._cursor_key)
+        except StoreError as error:  # the first commit will deal with the store (storewriter.py)
+            log_event(log, logging.ERROR, events.STORE_FAILED, "%s; resuming from the cursor file", error)
+            self.cursor = None
+        try:
+            if self.cursor is None:  # a new, removed or unreadable store: the cursor file remembers
+                self.cursor = load_cursor(self.config.cursor_path)
         except CursorFileError as error:
             log_event(log, logging.WARNING, events.CURSOR_RESET, "%s; starting one window back, at %s",
                       error, iso_time(fallback))
@@ -87,10 +100,9 @@ class Reader:
         total = 0
         while True:
             logins, last_cursor, count = self._read_batch()
-            if count == 0:
+            if count == 0 or last_cursor is None:
                 return total
-            self._commit(logins)
-            self._save_cursor(last_cursor)
+            self._commit(logins, last_cursor)
             total += count
             if count < BATCH:
                 return total
@@ -113,11 +125,12 @@ class Reader:
                 logins.append((login, fields))
         return logins, last_cursor, count
 
-    def _commit(self, logins: list[tuple[Login, dict]]) -> None:
+    def _commit(self, logins: list[tuple[Login, dict]], cursor: str) -> None:
         now = self.clock()
         window = self.config.window
         changes = []
         with self.writer.transaction() as transaction:
+            transaction.metadata[self._cursor_key] = cursor
             for login, fields in logins:
                 if login.time + window <= now:
                     changes.append(("too-old", login, fields, None))
@@ -135,6 +148,11 @@ class Reader:
                     kind = "extended"
                 changes.append((kind, login, fields, merged))
             self.grant_count = len(transaction.grants)
+        self.cursor = cursor
+        try:
+            save_cursor(self.config.cursor_path, cursor)
+        except OSError as error:  # the store holds the cursor; the file is only a second copy
+            log.warning("cannot write the cursor file %s: %s", self.config.cursor_path, error)
         for kind, login, fields, grant in changes:  # reported once committed
             self._report(kind, login, fields, grant)
 
@@ -154,12 +172,6 @@ class Reader:
                   "granted" if kind == "granted" else "extended", login.address, iso_time(grant.expires_at),
                   login.source, address=login.address, source=login.source, unit=unit, expires=grant.expires_at)
         log.debug("login by user %r from %s", login.user, login.address)
-
-    def _save_cursor(self, cursor: str | None) -> None:
-        if cursor is None:
-            return
-        save_cursor(self.config.cursor_path, cursor)
-        self.cursor = cursor
 
     def status(self) -> str:
         parts = [f"watching {', '.join(source.name for source in self.sources)}"]

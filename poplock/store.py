@@ -9,6 +9,9 @@ How one writer and many readers share it (LMDB-style):
   * A reader opens PATH and sees the old snapshot or the new one, whole, never a mix:
     a snapshot is never written after it is published, and a reader that opened the
     old file keeps reading it after the rename.
+  * Keys are canonical addresses; values are grants (grants.py). Keys starting with "#"
+    hold bookkeeping published in the same snapshot, such as poplock-reader's journal
+    cursor, so that grants and the position they cover are committed together.
   * gdbm's own lock is exclusive between a writer and readers: opening with
     GDBM_READER fails with EAGAIN while anything has that file open for writing.
     poplock's writers never open a published snapshot for writing, so a reader meets
@@ -25,6 +28,10 @@ import _gdbm
 
 from poplock.errors import StoreBusyError, StoreCorruptError, StoreError
 from poplock.grants import Grant, GrantDecodeError, decode_grant
+
+# Keys that are not addresses: bookkeeping committed together with the grants, such as
+# poplock-reader's journal cursor ("#cursor:/var/lib/poplock/cursor").
+METADATA_PREFIX = "#"
 
 _EAGAIN = 11
 _ENOENT = 2
@@ -77,25 +84,38 @@ def lookup_grant(path: str, address: str, busy_timeout: float) -> Grant | None:
         raise StoreError(f"{path}: {error}") from None
 
 
-def read_snapshot(path: str, busy_timeout: float) -> tuple[dict, dict]:
-    """Every entry: (grants by address, undecodable raw values by raw key)."""
+class Snapshot:
+    """Everything in one published file."""
+
+    __slots__ = ("grants", "metadata", "undecodable")
+
+    def __init__(self, grants: dict, metadata: dict, undecodable: dict):
+        self.grants = grants  # address -> Grant
+        self.metadata = metadata  # name -> text, from keys that start with METADATA_PREFIX
+        self.undecodable = undecodable  # raw key -> raw value this version cannot read
+
+
+def read_snapshot(path: str, busy_timeout: float) -> Snapshot:
+    """Every entry of the published snapshot (empty when there is none yet)."""
     snapshot = open_snapshot(path, busy_timeout)
-    grants: dict[str, Grant] = {}
-    undecodable: dict[bytes, bytes] = {}
+    result = Snapshot({}, {}, {})
     if snapshot is None:
-        return grants, undecodable
+        return result
     try:
         key = snapshot.firstkey()
         while key is not None:
             value = snapshot[key]
             try:
-                address = key.decode()
-                grants[address] = decode_grant(address, value)
+                name = key.decode()
+                if name.startswith(METADATA_PREFIX):
+                    result.metadata[name[len(METADATA_PREFIX):]] = value.decode()
+                else:
+                    result.grants[name] = decode_grant(name, value)
             except (UnicodeDecodeError, GrantDecodeError):
-                undecodable[key] = value
+                result.undecodable[key] = value
             key = snapshot.nextkey(key)
     except _gdbm.error as error:
         raise StoreError(f"cannot read the grant store {path}: {error}") from None
     finally:
         snapshot.close()
-    return grants, undecodable
+    return result

@@ -22,7 +22,7 @@ import _gdbm
 
 from poplock.errors import StoreCorruptError, StoreError
 from poplock.grants import Grant, encode_grant
-from poplock.store import read_snapshot
+from poplock.store import METADATA_PREFIX, Snapshot, read_snapshot
 
 log = logging.getLogger("poplock.store")
 
@@ -31,10 +31,11 @@ LOCK_MODE = 0o600
 
 
 class Transaction:
-    """The grants being changed; assign, delete or clear `grants` (address -> Grant)."""
+    """What is being changed: `grants` (address -> Grant) and `metadata` (name -> text)."""
 
-    def __init__(self, grants: dict[str, Grant]):
+    def __init__(self, grants: dict[str, Grant], metadata: dict[str, str]):
         self.grants = grants
+        self.metadata = metadata
 
 
 class StoreWriter:
@@ -47,11 +48,11 @@ class StoreWriter:
         """Lock, load, let the caller change the grants, publish if anything changed."""
         lock_fd = self._lock()
         try:
-            grants, undecodable = self._load()
-            transaction = Transaction(dict(grants))
+            current = self._load()
+            transaction = Transaction(dict(current.grants), dict(current.metadata))
             yield transaction
-            if transaction.grants != grants:
-                self._publish(transaction.grants, undecodable)
+            if transaction.grants != current.grants or transaction.metadata != current.metadata:
+                self._publish(transaction, current.undecodable)
         finally:
             os.close(lock_fd)  # releases the flock
 
@@ -75,21 +76,22 @@ class StoreWriter:
                     ) from None
                 time.sleep(0.002)
 
-    def _load(self) -> tuple[dict, dict]:
+    def _load(self) -> Snapshot:
         # Read afresh every time: another writer may have published since (a cache
         # keyed on inode and mtime can be fooled by inode reuse within a clock tick).
         try:
-            grants, undecodable = read_snapshot(self.path, busy_timeout=1.0)
+            snapshot = read_snapshot(self.path, busy_timeout=1.0)
         except StoreCorruptError as error:
             aside = f"{self.path}.corrupt-{int(time.time())}"
             os.replace(self.path, aside)
             log.error("%s; moved it aside to %s and started an empty store", error, aside)
-            grants, undecodable = {}, {}
-        if undecodable:
-            log.warning("%s: %d entries this version cannot read are kept as they are", self.path, len(undecodable))
-        return grants, undecodable
+            return Snapshot({}, {}, {})
+        if snapshot.undecodable:
+            log.warning("%s: %d entries this version cannot read are kept as they are",
+                        self.path, len(snapshot.undecodable))
+        return snapshot
 
-    def _publish(self, grants: dict[str, Grant], undecodable: dict[bytes, bytes]) -> None:
+    def _publish(self, transaction: Transaction, undecodable: dict[bytes, bytes]) -> None:
         directory = os.path.dirname(self.path) or "."
         new_path = self.path + ".new"
         try:
@@ -97,8 +99,10 @@ class StoreWriter:
                 os.unlink(new_path)  # left by a writer that crashed; we hold the lock
             snapshot = _gdbm.open(new_path, "nf", SNAPSHOT_MODE)
             try:
-                for address, grant in grants.items():
+                for address, grant in transaction.grants.items():
                     snapshot[address.encode()] = encode_grant(grant)
+                for name, text in transaction.metadata.items():
+                    snapshot[(METADATA_PREFIX + name).encode()] = text.encode()
                 for key, value in undecodable.items():
                     snapshot[key] = value
             finally:

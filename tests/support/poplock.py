@@ -73,8 +73,8 @@ class ReaderProcess:
         env = {key: value for key, value in os.environ.items() if key not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         env.update(self.notify.environment)
         env.update(environment or {})
-        self.log = setup.directory / "reader.log"
-        with open(self.log, "ab") as log:
+        self.log = setup.directory / f"reader-{len(list(setup.directory.glob('reader-*.log')))}.log"
+        with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 [command("poplock-reader"), "-c", str(setup.config), *arguments],
                 stdout=log, stderr=log, env=env,
@@ -83,6 +83,7 @@ class ReaderProcess:
             self.notify.wait_for("READY=1")
         except TimeoutError:
             self.kill()
+            self.notify.close()
             raise
 
     def output(self) -> str:
@@ -92,16 +93,13 @@ class ReaderProcess:
         """SIGTERM, as `systemctl stop` sends; returns the exit status."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        status = self.process.wait(timeout)
-        self.notify.close()
-        return status
+        return self.process.wait(timeout)
 
     def kill(self) -> None:
         """SIGKILL, as a crash or the OOM killer would end it."""
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(15)
-        self.notify.close()
 
     def __enter__(self) -> "ReaderProcess":
         return self
@@ -109,3 +107,4 @@ class ReaderProcess:
     def __exit__(self, *exc) -> None:
         if self.process.poll() is None:
             self.stop()
+        self.notify.close()

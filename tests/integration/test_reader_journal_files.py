@@ -1,0 +1,195 @@
+"""poplock-reader on real journal files made with systemd-journal-remote: grants, trust, catch-up, resume."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from support.journald import write_journal_file
+
+WINDOW = 1800
+
+
+def login_line(address: str, user: str = "alice", service: str = "pop3") -> str:
+    return (f"{service}-login: Login: user=<{user}>, method=PLAIN, rip={address}, lip=192.0.2.1, mpid=4242, "
+            f"TLS, session=<b7aS8S1hfbZ/AAAF>")
+
+
+def dovecot(message: str, at: float, **trusted) -> dict:
+    """An entry as Dovecot's log process writes it under a plain journald (root, SYSLOG_IDENTIFIER=dovecot)."""
+    fields = {"__REALTIME_TIMESTAMP": int(at * 1e6), "MESSAGE": message, "SYSLOG_IDENTIFIER": "dovecot",
+              "_UID": 0, "_GID": 0, "_COMM": "log", "_PID": 801, "_TRANSPORT": "syslog", "PRIORITY": 6}
+    fields.update(trusted)
+    return fields
+
+
+def grants(setup) -> dict:
+    shown = setup.run("show", "--json", check=True).stdout.splitlines()
+    return {record["address"]: record for record in map(json.loads, shown) if record["kind"] == "grant"}
+
+
+@pytest.fixture
+def journal(tmp_path) -> Path:
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    return directory / "remote.journal"
+
+
+def test_logins_in_a_journal_file_become_grants_until_login_time_plus_window(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [
+        dovecot(login_line("192.0.2.10"), now - 60),
+        dovecot(login_line("2001:db8::10", service="imap"), now - 30),
+        dovecot(login_line("::ffff:198.51.100.10"), now - 10, _SYSTEMD_UNIT="dovecot.service", _UID=108),
+        dovecot("pop3-login: Disconnected: Connection closed (auth failed, 1 attempts in 2 secs): user=<x>, "
+                "method=PLAIN, rip=192.0.2.11, lip=192.0.2.1, session=<AAAA>", now - 5),
+    ])
+    setup.run_reader("--file", str(journal))
+    found = grants(setup)
+    assert sorted(found) == ["192.0.2.10", "198.51.100.10", "2001:db8::10"]
+    assert setup.may_relay("192.0.2.10") and not setup.may_relay("192.0.2.11")
+    status = setup.run("check", "192.0.2.10").stdout
+    assert "grant until" in status and "dovecot login" in status
+
+
+def test_forged_dovecot_entries_grant_nothing(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [
+        dovecot(login_line("203.0.113.66"), now - 10, _UID=1000, _COMM="logger"),  # logger -t dovecot
+        dovecot(login_line("203.0.113.67"), now - 10, _UID=33, _COMM="php-fpm8.2"),  # a web script
+        dovecot(login_line("203.0.113.68"), now - 10, _UID=0, _SYSTEMD_UNIT="cron.service"),
+        dovecot(login_line("192.0.2.20"), now - 10),
+    ])
+    setup.run_reader("--file", str(journal))
+    assert list(grants(setup)) == ["192.0.2.20"]
+
+
+def test_a_login_read_after_its_window_has_passed_grants_nothing(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [
+        dovecot("master: Dovecot v2.3.19.1 starting up for pop3, imap", now - 3 * WINDOW),
+        dovecot(login_line("192.0.2.30"), now - WINDOW - 60),
+        dovecot(login_line("192.0.2.31"), now - WINDOW + 120),
+    ])
+    setup.cursor.write_text(_cursor_of_first_entry(journal) + "\n")  # the reader was down since then
+    result = setup.run_reader("--file", str(journal))
+    assert list(grants(setup)) == ["192.0.2.31"]
+    assert "login from 192.0.2.30" in result.stderr and "older than the window" in result.stderr
+
+
+def test_without_a_saved_cursor_the_reader_starts_one_window_back(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [
+        dovecot(login_line("192.0.2.40"), now - 3 * WINDOW),
+        dovecot(login_line("192.0.2.41"), now - 60),
+    ])
+    result = setup.run_reader("--file", str(journal))
+    assert list(grants(setup)) == ["192.0.2.41"]
+    assert "no saved journal position; starting one window back" in result.stderr
+    assert "192.0.2.40" not in result.stderr  # never even read
+
+
+def test_the_reader_resumes_after_its_cursor_and_reads_nothing_twice(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [dovecot(login_line("192.0.2.50"), now - 100)])
+    first = setup.run_reader("--file", str(journal))
+    assert "granted 192.0.2.50" in first.stderr
+    setup.run("remove", "192.0.2.50", check=True)
+    write_journal_file(journal, [dovecot(login_line("192.0.2.51"), now - 50)])  # appended, as journald would
+    second = setup.run_reader("--file", str(journal))
+    assert "resuming after the saved journal position" in second.stderr
+    assert "192.0.2.50" not in second.stderr
+    assert list(grants(setup)) == ["192.0.2.51"]  # the removed grant stays removed
+
+
+def test_the_position_survives_the_store_being_removed(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [dovecot(login_line("192.0.2.55"), now - 100)])
+    setup.run_reader("--file", str(journal))
+    setup.store.unlink()  # an admin starting over; the cursor file still knows where the reader was
+    write_journal_file(journal, [dovecot(login_line("192.0.2.56"), now - 50)])
+    setup.run_reader("--file", str(journal))
+    assert list(grants(setup)) == ["192.0.2.56"]
+
+
+def test_after_a_vacuum_removed_the_saved_entry_the_reader_continues_with_the_next_one(setup, tmp_path):
+    now = time.time()
+    directory = tmp_path / "journals"
+    directory.mkdir()
+    old = write_journal_file(directory / "old.journal", [dovecot(login_line("192.0.2.60"), now - 200)])
+    setup.run_reader("--directory", str(directory))
+    write_journal_file(directory / "new.journal", [dovecot(login_line("192.0.2.61"), now - 100)])
+    old.unlink()  # journalctl --vacuum-time removed the file holding the saved entry
+    result = setup.run_reader("--directory", str(directory))
+    assert "the saved journal entry is gone (rotated or vacuumed); continuing with the next entry" in result.stderr
+    assert sorted(grants(setup)) == ["192.0.2.60", "192.0.2.61"]
+
+
+def test_an_unreadable_cursor_file_starts_over_one_window_back(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [dovecot(login_line("192.0.2.70"), now - 100)])
+    setup.cursor.write_text("garbage without any structure")
+    result = setup.run_reader("--file", str(journal))
+    assert "does not hold a journal cursor; starting one window back" in result.stderr
+    assert list(grants(setup)) == ["192.0.2.70"]
+
+
+def test_a_cursor_from_another_journal_starts_one_window_back(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [dovecot(login_line("192.0.2.75"), now - 100)])
+    setup.cursor.write_text("s=0123456789abcdef0123456789abcdef;i=99;b=0123456789abcdef0123456789abcdef;"
+                            "m=1;t=5;x=1\n")
+    result = setup.run_reader("--file", str(journal))
+    assert "192.0.2.75" in grants(setup)
+    assert result.returncode == 0
+
+
+def test_strange_entries_are_skipped_and_never_fatal(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [
+        dovecot(b"pop3-login: Login: user=<\xff\xfe>, method=PLAIN, rip=192.0.2.80, lip=192.0.2.1, mpid=1, "
+                b"session=<AAAA>", now - 30),
+        dovecot("x" * 100_000, now - 20),
+        dovecot("pop3-login: Login: user=<a>, method=PLAIN, rip=999.1.1.1, lip=192.0.2.1, mpid=1, "
+                "session=<AAAA>", now - 15),
+        {k: v for k, v in dovecot(login_line("192.0.2.82"), now - 12).items() if k != "_UID"},
+        dovecot("multi\nline\npop3-login: Login: user=<a>, method=PLAIN, rip=203.0.113.83, lip=192.0.2.1, "
+                "mpid=1, session=<AAAA>", now - 11),
+        dovecot(login_line("192.0.2.81"), now - 10),
+    ])
+    setup.run_reader("--file", str(journal))
+    assert sorted(grants(setup)) == ["192.0.2.80", "192.0.2.81"]
+
+
+def test_scan_prints_the_logins_of_a_journal_file_and_touches_nothing(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [
+        dovecot(login_line("192.0.2.90", user="bob"), now - 30),
+        dovecot(login_line("203.0.113.91"), now - 20, _UID=1000),
+    ])
+    result = setup.run("scan", "--file", str(journal), "--json", check=True)
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["address"], r["user"], r["source"]) for r in records] == [("192.0.2.90", "bob", "dovecot")]
+    assert records[0]["cursor"].startswith("s=") and records[0]["time"]
+    everything = setup.run("scan", "--file", str(journal), "--json", "--all-sources", check=True)
+    assert [json.loads(line)["address"] for line in everything.stdout.splitlines()] == ["192.0.2.90", "203.0.113.91"]
+    assert not setup.store.exists() and not setup.cursor.exists()
+
+
+def test_scan_since_skips_older_entries(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [dovecot(login_line("192.0.2.95"), now - 7200),
+                                 dovecot(login_line("192.0.2.96"), now - 60)])
+    result = setup.run("scan", "--file", str(journal), "--since=-1h", "--json", check=True)
+    assert [json.loads(line)["address"] for line in result.stdout.splitlines()] == ["192.0.2.96"]
+
+
+def _cursor_of_first_entry(journal: Path) -> str:
+    from systemd import journal as systemd_journal
+
+    reader = systemd_journal.Reader(files=[str(journal)])
+    try:
+        return reader.get_next()["__CURSOR"]
+    finally:
+        reader.close()

@@ -1,0 +1,175 @@
+"""The grant store on real gdbm files: snapshots, atomic replacement, locks held by others, damage."""
+
+import os
+import pwd
+import threading
+import time
+
+import _gdbm
+import pytest
+
+from poplock.errors import StoreBusyError, StoreCorruptError
+from poplock.grants import Grant
+from poplock.store import lookup_grant, open_snapshot, read_snapshot
+from poplock.storewriter import StoreWriter
+
+NOW = int(time.time())
+
+
+def grant(address: str, minutes: int = 30) -> Grant:
+    return Grant(address, NOW + minutes * 60, NOW, "dovecot")
+
+
+def test_a_committed_grant_can_be_looked_up(tmp_path):
+    path = str(tmp_path / "grants.db")
+    with StoreWriter(path).transaction() as transaction:
+        transaction.grants["192.0.2.7"] = grant("192.0.2.7")
+    assert lookup_grant(path, "192.0.2.7", 0.02) == grant("192.0.2.7")
+    assert lookup_grant(path, "192.0.2.8", 0.02) is None
+
+
+def test_without_a_store_there_are_no_grants(tmp_path):
+    path = str(tmp_path / "grants.db")
+    assert lookup_grant(path, "192.0.2.7", 0.02) is None
+    assert read_snapshot(path, 0.02).grants == {}
+
+
+def test_a_reader_keeps_the_snapshot_it_opened_while_a_writer_replaces_it(tmp_path):
+    path = str(tmp_path / "grants.db")
+    writer = StoreWriter(path)
+    with writer.transaction() as transaction:
+        transaction.grants["192.0.2.1"] = grant("192.0.2.1")
+    before = open_snapshot(path, 0.02)
+    with writer.transaction() as transaction:
+        transaction.grants.clear()
+        transaction.grants["192.0.2.2"] = grant("192.0.2.2")
+    assert before.keys() == [b"192.0.2.1"]
+    before.close()
+    assert read_snapshot(path, 0.02).grants == {"192.0.2.2": grant("192.0.2.2")}
+
+
+def test_a_transaction_that_fails_publishes_nothing(tmp_path):
+    path = str(tmp_path / "grants.db")
+    writer = StoreWriter(path)
+    with writer.transaction() as transaction:
+        transaction.grants["192.0.2.1"] = grant("192.0.2.1")
+    with pytest.raises(RuntimeError):
+        with writer.transaction() as transaction:
+            transaction.grants.clear()
+            raise RuntimeError("the caller failed half way")
+    assert list(read_snapshot(path, 0.02).grants) == ["192.0.2.1"]
+
+
+def test_a_published_snapshot_is_never_opened_for_writing_so_readers_never_meet_its_lock(tmp_path):
+    path = str(tmp_path / "grants.db")
+    writer = StoreWriter(path)
+    with writer.transaction() as transaction:
+        transaction.grants["192.0.2.1"] = grant("192.0.2.1")
+    inode_before = os.stat(path).st_ino
+    with writer.transaction() as transaction:
+        transaction.grants["192.0.2.2"] = grant("192.0.2.2")
+        reader = open_snapshot(path, 0)  # no retries allowed: any lock would fail this
+        assert reader.keys() == [b"192.0.2.1"]
+        reader.close()
+    reader = open_snapshot(path, 0)  # and just after the commit
+    assert sorted(reader.keys()) == [b"192.0.2.1", b"192.0.2.2"]
+    reader.close()
+    assert os.stat(path).st_ino != inode_before
+
+
+def test_a_program_writing_the_store_in_place_makes_readers_fail_closed_after_their_bound(tmp_path):
+    path = str(tmp_path / "grants.db")
+    with StoreWriter(path).transaction() as transaction:
+        transaction.grants["192.0.2.1"] = grant("192.0.2.1")
+    in_place = _gdbm.open(path, "w")  # what gdbmtool or a script would do
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreBusyError, match="stayed locked by another program for more than 50ms"):
+            lookup_grant(path, "192.0.2.1", 0.05)
+        assert time.monotonic() - started >= 0.05
+    finally:
+        in_place.close()
+
+
+def test_a_reader_retries_until_an_in_place_writer_lets_go(tmp_path):
+    path = str(tmp_path / "grants.db")
+    with StoreWriter(path).transaction() as transaction:
+        transaction.grants["192.0.2.1"] = grant("192.0.2.1")
+    in_place = _gdbm.open(path, "w")
+    releaser = threading.Timer(0.05, in_place.close)
+    releaser.start()
+    try:
+        assert lookup_grant(path, "192.0.2.1", 5.0) == grant("192.0.2.1")
+    finally:
+        releaser.join()
+
+
+def test_a_file_that_is_not_a_gdbm_store_is_reported_and_the_writer_starts_afresh(tmp_path, caplog):
+    path = tmp_path / "grants.db"
+    path.write_bytes(b"this is not a gdbm file" * 100)
+    with pytest.raises(StoreCorruptError, match="not a readable gdbm file"):
+        lookup_grant(str(path), "192.0.2.1", 0.02)
+    with StoreWriter(str(path)).transaction() as transaction:
+        assert transaction.grants == {}
+        transaction.grants["192.0.2.1"] = grant("192.0.2.1")
+    assert lookup_grant(str(path), "192.0.2.1", 0.02) == grant("192.0.2.1")
+    aside = list(tmp_path.glob("grants.db.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not a gdbm file")
+    assert "moved it aside" in caplog.text
+
+
+def test_values_this_version_cannot_read_are_kept_across_writes(tmp_path):
+    path = str(tmp_path / "grants.db")
+    seed = _gdbm.open(path, "n")
+    seed[b"192.0.2.9"] = b"2 some future format"
+    seed.close()
+    with StoreWriter(path).transaction() as transaction:
+        assert "192.0.2.9" not in transaction.grants
+        transaction.grants["192.0.2.1"] = grant("192.0.2.1")
+    check = _gdbm.open(path, "r")
+    assert check[b"192.0.2.9"] == b"2 some future format"
+    check.close()
+
+
+def test_metadata_is_committed_with_the_grants_and_is_not_a_grant(tmp_path):
+    path = str(tmp_path / "grants.db")
+    with StoreWriter(path).transaction() as transaction:
+        transaction.grants["192.0.2.1"] = grant("192.0.2.1")
+        transaction.metadata["cursor:/x"] = "s=1;i=2"
+    snapshot = read_snapshot(path, 0.02)
+    assert snapshot.metadata == {"cursor:/x": "s=1;i=2"}
+    assert list(snapshot.grants) == ["192.0.2.1"]
+
+
+def test_a_snapshot_belongs_to_the_owner_and_group_of_its_directory(tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    directory = tmp_path / "store"
+    directory.mkdir()
+    os.chown(directory, nobody.pw_uid, nobody.pw_gid)
+    path = str(directory / "grants.db")
+    with StoreWriter(path).transaction() as transaction:  # as root, like `sudo poplock add`
+        transaction.grants["192.0.2.1"] = grant("192.0.2.1")
+    status = os.stat(path)
+    assert (status.st_uid, status.st_gid, status.st_mode & 0o777) == (nobody.pw_uid, nobody.pw_gid, 0o640)
+
+
+def test_a_temporary_file_left_by_a_crashed_writer_is_replaced(tmp_path):
+    path = tmp_path / "grants.db"
+    (tmp_path / "grants.db.new").write_bytes(b"half written")
+    with StoreWriter(str(path)).transaction() as transaction:
+        transaction.grants["192.0.2.1"] = grant("192.0.2.1")
+    assert lookup_grant(str(path), "192.0.2.1", 0.02) == grant("192.0.2.1")
+    assert not (tmp_path / "grants.db.new").exists()
+
+
+def test_a_second_writer_waits_for_the_first(tmp_path):
+    path = str(tmp_path / "grants.db")
+    first = StoreWriter(path)
+    second = StoreWriter(path, lock_timeout=0.05)
+    with first.transaction() as transaction:
+        transaction.grants["192.0.2.1"] = grant("192.0.2.1")
+        with pytest.raises(Exception, match="another writer held"):
+            with second.transaction():
+                pass
+    with second.transaction() as transaction:
+        assert list(transaction.grants) == ["192.0.2.1"]
