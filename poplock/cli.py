@@ -38,6 +38,14 @@ log = logging.getLogger("poplock.cli")
 EX_NOT_ALLOWED = 1  # `poplock check`: the client may not relay
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with os.EX_USAGE (64) for usage errors instead of its own 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(os.EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def _address(text: str) -> str:
     try:
         return normalize_address(text)
@@ -242,12 +250,12 @@ def _print_json(record: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     # -c works before or after the command; SUPPRESS keeps a subcommand from resetting it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-c", "--config", default=argparse.SUPPRESS,
                         help="configuration file (default /etc/poplock/poplock.conf)")
-    parser = argparse.ArgumentParser(prog="poplock", parents=[common],
+    parser = _Parser(prog="poplock", parents=[common],
                                      description="POP-before-SMTP relay grants: show, change, check, scan.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     show = commands.add_parser("show", parents=[common], help="list current grants and static entries")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
