@@ -200,14 +200,18 @@ def command_scan(config: Config, arguments) -> int:
     try:
         while True:
             count = 0
-            for fields, cursor in follower.read(10000):
+            for entry in follower.read(10000):
                 count += 1
-                login = parser.parse(fields) if fields is not None else None
+                try:
+                    login = parser.parse(entry)
+                except OSError as error:  # a corrupt entry: say so, and go on
+                    print(f"poplock: warning: skipping an unreadable journal entry: {error}", file=sys.stderr)
+                    continue
                 if login is None:
                     continue
                 if arguments.json:
                     _print_json({"address": login.address, "time": iso_time(login.time), "user": login.user,
-                                 "source": login.source, "cursor": cursor})
+                                 "source": login.source, "cursor": entry.cursor})
                 else:
                     print(f"{iso_time(login.time)}  {login.address}  {login.source}  user={login.user}")
             if count == 0:

@@ -32,6 +32,13 @@ def _busy_timeout(text: str) -> float:
     return seconds
 
 
+def _recheck_interval(text: str) -> float:
+    seconds = parse_timespan(text)
+    if 0 < seconds < 0.001:
+        raise ValueError("must be 0 or at least 1ms")
+    return seconds
+
+
 def _relay_client(text: str) -> str:
     if "\0" in text:
         raise ValueError("must not contain a NUL character")
@@ -71,6 +78,9 @@ SETTINGS = (
             "How long a lookup retries a store that another program holds locked before it refuses the relay."),
     Setting("Reader", "CursorPath", "cursor_path", parse_absolute_path, "/var/lib/poplock/cursor",
             "Where poplock-reader keeps its journal cursor."),
+    Setting("Reader", "RecheckInterval", "recheck_interval", _recheck_interval, "10ms",
+            "How often to look for new journal entries besides journald's change notifications, which "
+            "arrive up to half a second late; 0 waits for the notifications alone."),
     Setting("Reader", "Sources", "sources", parse_list, "dovecot",
             "The login sources to watch, by name: built-in servers or [Source:NAME] sections."),
     Setting("Relaylock", "RelayClient", "relay_client", _relay_client, "",

@@ -9,13 +9,52 @@ sd_journal_seek_cursor(3), sd_journal_wait(3).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from systemd import journal
 
 log = logging.getLogger("poplock.follow")
 
 FIELDS = ("MESSAGE", "_UID", "_SYSTEMD_UNIT", "SYSLOG_IDENTIFIER", "_PID", "_COMM")
+
+
+class JournalEntry(Mapping):
+    """The follower's current entry as a read-only mapping of field name to text.
+
+    Fields are fetched on demand: most entries are rejected after their MESSAGE alone,
+    and fetching every field of every entry would cost more than parsing them.
+    """
+
+    __slots__ = ("_reader",)
+
+    def __init__(self, reader):
+        self._reader = reader
+
+    def __getitem__(self, name: str) -> str:
+        if name == "__REALTIME_TIMESTAMP":
+            return str(self._reader._get_realtime())
+        return self._reader._get(name).decode("utf-8", "replace")  # KeyError when absent
+
+    def get(self, name: str, default=None):  # the hot path: one call, no detour through __getitem__
+        try:
+            if name == "__REALTIME_TIMESTAMP":
+                return str(self._reader._get_realtime())
+            return self._reader._get(name).decode("utf-8", "replace")
+        except KeyError:
+            return default
+
+    def __iter__(self):
+        return iter(name for name in ("__REALTIME_TIMESTAMP",) + FIELDS if name in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, name) -> bool:
+        return self.get(name) is not None
+
+    @property
+    def cursor(self) -> str:
+        return self._reader._get_cursor()
 
 
 class Position:
@@ -72,34 +111,28 @@ class JournalFollower:
         self._reader.seek_realtime(int(fallback_realtime * 1_000_000))
         return Position.NO_CURSOR if cursor is None else Position.CURSOR_INVALID
 
-    def read(self, limit: int) -> Iterator[tuple[dict[str, str] | None, str]]:
-        """Up to `limit` of the entries available now, as (fields, cursor).
+    def read(self, limit: int) -> Iterator["JournalEntry"]:
+        """Up to `limit` of the entries available now.
 
-        fields is None for an entry the journal could not read (corrupt data); its
-        cursor is still given so the caller can move past it.
+        Each entry reads its fields from the journal when asked, and only while it is
+        the current one: use it before taking the next.
         """
         reader = self._reader
+        entry = JournalEntry(reader)
         for _ in range(limit):
             if self._pending:
                 self._pending = False
             elif not reader._next():
                 return
-            try:
-                cursor = reader._get_cursor()
-            except OSError as error:
-                log.warning("skipping a journal entry without a cursor: %s", error)
-                continue
-            try:
-                fields = {"__REALTIME_TIMESTAMP": str(reader._get_realtime())}
-                for name in FIELDS:
-                    try:
-                        fields[name] = reader._get(name).decode("utf-8", "replace")
-                    except KeyError:
-                        pass
-            except OSError as error:
-                log.warning("skipping an unreadable journal entry (%s): %s", cursor, error)
-                fields = None
-            yield fields, cursor
+            yield entry
+
+    def cursor(self) -> str | None:
+        """The cursor of the entry last read, or None if the journal cannot give it."""
+        try:
+            return self._reader._get_cursor()
+        except OSError as error:
+            log.warning("cannot read the cursor of the current journal entry: %s", error)
+            return None
 
     def fileno(self) -> int:
         return self._reader.fileno()

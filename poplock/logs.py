@@ -9,6 +9,7 @@ stderr: "poplock-reader: warning: ...".
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import sys
@@ -52,6 +53,12 @@ def setup_logging(identifier: str, level: int = logging.INFO, *, stderr_level: i
     if journald runs, so administrative changes leave a trail there; stderr then shows
     only what reaches `stderr_level`.
     """
+    # Documented logging optimisations: poplock's records need no caller frame, thread
+    # or process details, and a catch-up logs thousands of grants.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logger = logging.getLogger("poplock")
     logger.handlers.clear()
     logger.propagate = False
@@ -73,9 +80,14 @@ def _journal_handler(identifier: str) -> logging.Handler:
     return JournalHandler(SYSLOG_IDENTIFIER=identifier)
 
 
+@functools.lru_cache(maxsize=4096)  # a catch-up logs thousands of grants within the same seconds
+def _iso_second(second: int) -> str:
+    return datetime.datetime.fromtimestamp(second).astimezone().isoformat(timespec="seconds")
+
+
 def iso_time(seconds: float) -> str:
     """A point in time as ISO 8601 in local time with its offset, to the second."""
-    return datetime.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
+    return _iso_second(int(seconds))
 
 
 def log_event(logger: logging.Logger, level: int, event: Event, message: str, *args,

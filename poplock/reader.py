@@ -34,8 +34,11 @@ from poplock.storewriter import StoreWriter
 
 log = logging.getLogger("poplock.reader")
 
-BATCH = 2000  # entries per store transaction when catching up
+# Entries per store transaction when catching up: each commit rewrites the whole store,
+# so bigger batches catch up faster; a crash mid-batch re-reads it (nothing is lost).
+BATCH = 50_000
 RETRY_PAUSES = (1, 2, 5, 10, 30)  # seconds between attempts while the store cannot be written
+STATUS_INTERVAL = 1.0  # seconds: STATUS= is for people, no need to send it on every login
 
 
 def _notify(message: str) -> None:
@@ -107,33 +110,28 @@ class Reader:
             if count < BATCH:
                 return total
 
-    def _read_batch(self) -> tuple[list[tuple[Login, dict]], str | None, int]:
+    def _read_batch(self) -> tuple[list[tuple[Login, str | None]], str | None, int]:
         logins = []
-        last_cursor = None
         count = 0
-        for fields, cursor in self.follower.read(BATCH):
+        for entry in self.follower.read(BATCH):
             count += 1
-            last_cursor = cursor
-            if fields is None:
-                continue
             try:
-                login = self.parser.parse(fields)
+                login = self.parser.parse(entry)
+                if login is not None:
+                    logins.append((login, entry.get("_SYSTEMD_UNIT")))
             except Exception:  # a bad entry is logged and skipped, never fatal
-                log.exception("skipping a journal entry that could not be parsed (%s)", cursor)
-                continue
-            if login is not None:
-                logins.append((login, fields))
-        return logins, last_cursor, count
+                log.exception("skipping a journal entry that could not be read or parsed")
+        return logins, self.follower.cursor() if count else None, count
 
-    def _commit(self, logins: list[tuple[Login, dict]], cursor: str) -> None:
+    def _commit(self, logins: list[tuple[Login, str | None]], cursor: str) -> None:
         now = self.clock()
         window = self.config.window
         changes = []
         with self.writer.transaction() as transaction:
             transaction.metadata[self._cursor_key] = cursor
-            for login, fields in logins:
+            for login, unit in logins:
                 if login.time + window <= now:
-                    changes.append(("too-old", login, fields, None))
+                    changes.append(("too-old", login, unit, None))
                     continue
                 # A timestamp ahead of our clock (another host's journal) must not stretch a grant.
                 new = grant_for_login(login.address, min(login.time, now), window, login.source)
@@ -146,18 +144,17 @@ class Reader:
                     kind = "granted"
                 else:
                     kind = "extended"
-                changes.append((kind, login, fields, merged))
+                changes.append((kind, login, unit, merged))
             self.grant_count = len(transaction.grants)
         self.cursor = cursor
         try:
             save_cursor(self.config.cursor_path, cursor)
         except OSError as error:  # the store holds the cursor; the file is only a second copy
             log.warning("cannot write the cursor file %s: %s", self.config.cursor_path, error)
-        for kind, login, fields, grant in changes:  # reported once committed
-            self._report(kind, login, fields, grant)
+        for kind, login, unit, grant in changes:  # reported once committed
+            self._report(kind, login, unit, grant)
 
-    def _report(self, kind: str, login: Login, fields: dict, grant) -> None:
-        unit = fields.get("_SYSTEMD_UNIT")
+    def _report(self, kind: str, login: Login, unit: str | None, grant) -> None:
         if kind == "too-old":
             log_event(log, logging.INFO, events.LOGIN_TOO_OLD,
                       "login from %s at %s is older than the window; no grant",
@@ -180,12 +177,6 @@ class Reader:
         if self.last_login is not None:
             parts.append(f"last login {self.last_login.address} at {iso_time(self.last_login.time)}")
         return "; ".join(parts)
-
-    def catch_up_after_store_error(self, error: StoreError, attempt: int) -> float:
-        """Log, go back to the last saved position, and say how long to pause."""
-        log_event(log, logging.ERROR, events.STORE_FAILED, "%s; will retry", error)
-        self.follower.reopen(self.cursor, self.clock() - self.config.window)
-        return RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
 
 
 class _Stop:
@@ -217,40 +208,58 @@ def _watchdog_interval() -> float | None:
     return int(usec) / 1e6
 
 
+def _wait_timeout(*bounds: float | None) -> float | None:
+    """How long to block before looking again: the nearest of the given bounds (None: none)."""
+    present = [bound for bound in bounds if bound is not None]
+    return max(0.0, min(present)) if present else None
+
+
 def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
+    """The daemon's loop: read what is there, then sleep until the journal changes.
+
+    journald coalesces the inotify notifications it gives readers on a 250 ms timer, so
+    a login could wait that long (up to half a second, measured) for the descriptor to
+    turn readable; re-reading the memory-mapped journal every RecheckInterval costs next
+    to nothing and keeps a client that sends mail right after checking it from being refused.
+    """
     stop = _Stop()
     reader.restore_position()
-    reader.notify("READY=1\nSTATUS=" + reader.status())
+    status = reader.status()
+    reader.notify("READY=1\nSTATUS=" + status)
     log_event(log, logging.INFO, events.READER_STARTED, "following the journal for %s",
               ", ".join(source.name for source in reader.sources))
     watchdog = _watchdog_interval()
-    last_ping = time.monotonic()
+    last_ping = last_status = time.monotonic()
     attempt = 0
     while not stop.requested:
         pause = None
         try:
-            if reader.process_available():
-                reader.notify("STATUS=" + reader.status())
+            reader.process_available()
             attempt = 0
-        except StoreError as error:
+        except (StoreError, OSError) as error:  # store, cursor file or journal trouble
+            log_event(log, logging.ERROR, events.STORE_FAILED, "%s; will retry from the last committed position",
+                      error)
             if once:
-                log_event(log, logging.ERROR, events.STORE_FAILED, "%s", error)
                 return os.EX_TEMPFAIL
-            pause = reader.catch_up_after_store_error(error, attempt)
-            attempt += 1
-        except OSError as error:  # cursor file or journal trouble: go back to the saved position
-            log_event(log, logging.ERROR, events.STORE_FAILED, "reading on failed: %s; will retry", error)
-            if once:
-                return os.EX_IOERR
             pause = RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
             attempt += 1
             follower.reopen(reader.cursor, reader.clock() - reader.config.window)
         if once and pause is None:
             break
-        if watchdog and time.monotonic() - last_ping >= watchdog / 2:
+        now = time.monotonic()
+        status_due = None
+        if reader.status() != status:
+            if now - last_status >= STATUS_INTERVAL:
+                status = reader.status()
+                reader.notify("STATUS=" + status)
+                last_status = now
+            else:
+                status_due = last_status + STATUS_INTERVAL - now
+        if watchdog and now - last_ping >= watchdog / 2:
             reader.notify("WATCHDOG=1")
-            last_ping = time.monotonic()
-        timeout = pause if pause is not None else (watchdog / 2 if watchdog else None)
+            last_ping = now
+        timeout = _wait_timeout(pause, status_due, watchdog / 2 if watchdog else None,
+                                reader.config.recheck_interval if pause is None and reader.config.recheck_interval else None)
         readable, _, _ = select.select([follower.fileno(), stop.read_fd], [], [], timeout)
         if stop.read_fd in readable:
             stop.drain()

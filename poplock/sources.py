@@ -34,8 +34,18 @@ class Source:
     patterns: tuple[re.Pattern, ...]
     hint: re.Pattern | None
 
-    def trusts(self, entry: Mapping[str, str]) -> bool:
+    def admits(self, entry: Mapping[str, str]) -> bool:
+        """The entry is one of this source's candidates (by identifier or unit) and is trusted."""
         unit = entry.get("_SYSTEMD_UNIT")
+        if unit not in self.units and entry.get("SYSLOG_IDENTIFIER") not in self.identifiers:
+            return False
+        return self._trusts(unit, entry)
+
+    def trusts(self, entry: Mapping[str, str]) -> bool:
+        """The trust rule alone (see the module's docstring)."""
+        return self._trusts(entry.get("_SYSTEMD_UNIT"), entry)
+
+    def _trusts(self, unit: str | None, entry: Mapping[str, str]) -> bool:
         if unit is not None and self.units:
             return unit in self.units
         uid = entry.get("_UID")

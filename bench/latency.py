@@ -1,0 +1,88 @@
+"""Delay from a login entry being sent to the journal until the client may relay, on a real journald.
+
+A running poplock-reader follows the journal; 500 Dovecot login lines are sent one at
+a time (as root, like Dovecot's log process); after each, the answer `poplock check`
+gives is polled in-process (poplock.access.check_relay, the function behind the
+command) until it says yes. Baselines, in the same run, for the same kind of entry:
+a follower that waits on the journal's change notification (as `journalctl -f` does),
+and the moment the entry can be read back at all (a reader re-reading in a tight loop).
+Goal: p99 at most 20 ms (log watchers that poll wake every 1 to 10 seconds).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from systemd import journal
+
+from common import Setup, median, percentile
+from poplock.access import check_relay
+from poplock.config import load_config
+from support.journald import ensure_journald, unique_tag
+from support.poplock import ReaderProcess
+
+LOGINS = int(__import__("os").environ.get("LOGINS", "500"))
+
+
+def login_line(address: str) -> str:
+    return (f"pop3-login: Login: user=<alice>, method=PLAIN, rip={address}, lip=127.0.0.1, mpid=4242, "
+            f"session=<b7aS8S1hfbZ/AAAF>")
+
+
+def journal_delivery(tag: str, *, notified: bool) -> list[float]:
+    """Send an entry, wait until a journal reader sees it: on the journal's notification, or re-reading."""
+    reader = journal.Reader()
+    reader.add_match(SYSLOG_IDENTIFIER=tag)
+    reader.seek_tail()
+    reader.get_previous()
+    reader.fileno()  # sets up the notification before the first entry is sent
+    delays = []
+    for index in range(LOGINS):
+        started = time.perf_counter()
+        journal.send(login_line(f"10.99.{index >> 8}.{index & 255}"), SYSLOG_IDENTIFIER=tag)
+        while reader.get_next() == {}:
+            if notified:
+                reader.wait(5)
+            else:
+                time.sleep(0.0002)
+        delays.append(time.perf_counter() - started)
+    reader.close()
+    return delays
+
+
+def poplock_delay(tag: str, setup: Setup) -> list[float]:
+    config = load_config(str(setup.config))
+    delays = []
+    for index in range(LOGINS):
+        address = f"10.98.{index >> 8}.{index & 255}"
+        started = time.perf_counter()
+        journal.send(login_line(address), SYSLOG_IDENTIFIER=tag)
+        while not check_relay(config, address, time.time()).allowed:
+            time.sleep(0.0002)
+        delays.append(time.perf_counter() - started)
+    return delays
+
+
+def main() -> None:
+    ensure_journald()
+    with tempfile.TemporaryDirectory(prefix="poplock-bench-") as scratch:
+        tag = unique_tag("dovecot-bench")
+        setup = Setup(Path(scratch), extra=f"\n[Source:dovecot]\nIdentifiers={tag}\n")
+        readable = journal_delivery(tag + "-readable", notified=False)
+        notified = journal_delivery(tag + "-notified", notified=True)
+        with ReaderProcess(setup):
+            delays = poplock_delay(tag, setup)
+    print(f"login-to-relay delay over {LOGINS} logins on a real journald")
+    for name, values in (("entry readable (tight re-reading)", readable),
+                         ("follower woken by the journal", notified),
+                         ("poplock: sent -> check says yes", delays)):
+        print(f"  {name:34} p50 {median(values) * 1000:7.2f} ms   p99 {percentile(values, 0.99) * 1000:7.2f} ms"
+              f"   max {max(values) * 1000:7.2f} ms")
+    print(f"  poplock p99 / woken-by-the-journal p99: {percentile(delays, 0.99) / percentile(notified, 0.99):.2f}x")
+    print("  goal: poplock p99 at most 20 ms")
+
+
+if __name__ == "__main__":
+    main()
