@@ -26,6 +26,15 @@ deps:
 venv: deps
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	@$(call write_relaylock,$(VENV)/bin/relaylock,$(CURDIR))
+
+# relaylock runs once per SMTP connection: it starts Python isolated and without site
+# (-IS, about 2 ms less), so the script itself says where the poplock package lives.
+define write_relaylock
+printf '%s\n' '#!$(PYTHON) -IS' '"""relaylock: see relaylock(8)."""' 'import sys' \
+	'sys.path.insert(0, "$(2)")' 'from poplock.relaylock import main' 'sys.exit(main())' > $(1).new && \
+	chmod 755 $(1).new && mv $(1).new $(1)
+endef
 
 check: venv
 	$(VENV)/bin/python -m pytest

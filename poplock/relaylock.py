@@ -1,0 +1,173 @@
+"""relaylock: decide RELAYCLIENT for one SMTP connection, then exec the SMTP server.
+
+    relaylock [-c CONFIG] [--relayclient VALUE] [--] PROGRAM [ARGS...]
+
+For qmail-style servers (qmail-smtpd, mailfront, qpsmtpd, courier esmtpd) started per
+connection by a systemd Accept=yes socket, tcpserver or inetd. The client address is
+getpeername() of standard input when that is an inet socket, else $REMOTE_ADDR
+(systemd), else $TCPREMOTEIP (tcpserver). A client with a live grant or in the static
+allow list gets RELAYCLIENT (empty unless configured: qpsmtpd needs a true value);
+any other client has an inherited RELAYCLIENT removed. Then PROGRAM always runs:
+whatever goes wrong here grants nothing, is told in one line on standard error, and
+mail keeps flowing. Standard output is the client's connection: nothing is written to it.
+
+This runs once per SMTP connection, so its imports are a budget: the interpreter is
+started with -I -S, and this module and everything it imports stay clear of `os`,
+`re`, `socket`, `ipaddress`, `dataclasses`, `typing` and the journal module. poplock's
+own modules are imported only inside the decision, so that even a broken install
+still execs the server.
+"""
+
+import posix
+import sys
+
+USAGE = "usage: relaylock [-c CONFIG] [--relayclient VALUE] [--] PROGRAM [ARGS...]"
+EX_USAGE = 64
+EX_OSERR = 71
+RELAYCLIENT = b"RELAYCLIENT"
+
+
+def parse_arguments(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
+    """(config path, RELAYCLIENT override, program argv); ValueError on a usage error."""
+    config = relay_client = None
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word == "--":
+            index += 1
+            break
+        if word in ("-c", "--config", "--relayclient"):
+            if index + 1 >= len(argv):
+                raise ValueError(f"{word} needs a value")
+            if word == "--relayclient":
+                relay_client = argv[index + 1]
+            else:
+                config = argv[index + 1]
+            index += 2
+        elif word.startswith("--config="):
+            config = word.partition("=")[2]
+            index += 1
+        elif word.startswith("--relayclient="):
+            relay_client = word.partition("=")[2]
+            index += 1
+        elif word.startswith("-") and word != "-":
+            raise ValueError(f"unknown option {word}")
+        else:
+            break
+    program = argv[index:]
+    if not program:
+        raise ValueError("no SMTP server to run")
+    return config, relay_client, program
+
+
+def client_address(environment: dict) -> str | None:
+    """The peer of standard input, else $REMOTE_ADDR, else $TCPREMOTEIP (raw text)."""
+    import _socket
+
+    try:
+        connection = _socket.socket(fileno=0)
+    except OSError:  # not a socket: a pipe, a terminal
+        connection = None
+    if connection is not None:
+        try:
+            if connection.family in (_socket.AF_INET, _socket.AF_INET6):
+                return connection.getpeername()[0]
+        except OSError:
+            pass
+        finally:
+            connection.detach()  # fd 0 belongs to the SMTP server
+    for name in (b"REMOTE_ADDR", b"TCPREMOTEIP"):
+        value = environment.get(name)
+        if value:
+            return value.decode("ascii", "replace")
+    return None
+
+
+def decide(config_path: str | None, relay_client: str | None, environment: dict):
+    """(RELAYCLIENT value or None, the event, log message, address). Raises on any failure."""
+    import time
+
+    from poplock import events
+    from poplock.access import check_relay
+    from poplock.addresses import normalize_address
+    from poplock.config import load_config
+
+    raw = client_address(environment)
+    if raw is None:
+        raise LookupError("cannot tell the client's address (standard input is not a socket, "
+                          "and neither REMOTE_ADDR nor TCPREMOTEIP is set)")
+    address = normalize_address(raw)
+    config = load_config(config_path, sections=("Grants", "Store", "Relaylock"))
+    decision = check_relay(config, address, time.time())
+    value = relay_client if relay_client is not None else config.relay_client
+    if decision.network is not None:
+        return value, events.RELAY_ALLOWED, f"relay allowed for {address}: static network {decision.network.text}", address
+    if decision.allowed:
+        grant = decision.grant
+        return value, events.RELAY_ALLOWED, f"relay allowed for {address}: {grant.source} grant", address
+    reason = "its grant expired" if decision.grant is not None else "no grant"
+    return None, events.RELAY_REFUSED, f"no relay for {address}: {reason}", address
+
+
+def report(message: str, event=None, address: str | None = None, priority: int = 6) -> None:
+    """One line: natively to the journal when stderr is a journal stream, else to stderr."""
+    try:
+        from poplock.journalsend import send_if_journal
+
+        if send_if_journal(message, priority, "relaylock", event, address):
+            return
+    except Exception:  # reporting must never stop the server from running
+        pass
+    try:
+        posix.write(2, f"relaylock: {message}\n".encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def execute(program: list[str], environment: dict) -> None:
+    """execvpe(3): search $PATH like a shell; returns only if nothing could be executed."""
+    name = program[0]
+    if "/" in name:
+        candidates = [name]
+    else:
+        path = environment.get(b"PATH", b"/usr/local/bin:/usr/bin:/bin").decode("utf-8", "replace")
+        candidates = [f"{directory or '.'}/{name}" for directory in path.split(":")]
+    error = None
+    for candidate in candidates:
+        try:
+            posix.execve(candidate, program, environment)
+        except OSError as failure:
+            if error is None or failure.errno != 2:  # keep the most telling error (not ENOENT)
+                error = failure
+    report(f"cannot run {name}: {error.strerror if error else 'not found'}", priority=3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config_path, relay_client, program = parse_arguments(argv)
+    except ValueError as error:
+        report(f"{error}\n{USAGE}", priority=3)
+        return EX_USAGE
+    environment = dict(posix.environ)
+    environment.pop(RELAYCLIENT, None)  # whatever happens next, nothing inherited opens the relay
+    try:
+        value, event, message, address = decide(config_path, relay_client, environment)
+        if value is not None:
+            environment[RELAYCLIENT] = value.encode()
+        report(message, event, address)
+    except BaseException as error:  # noqa: BLE001 - every failure here must still run the server
+        report(f"cannot decide, not relaying: {_describe(error)}", priority=3)
+    execute(program, environment)
+    return EX_OSERR
+
+
+def _describe(error: BaseException) -> str:
+    problems = getattr(error, "problems", None)
+    if problems:
+        return "invalid configuration: " + "; ".join(problems)
+    return str(error) or type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
