@@ -2,7 +2,7 @@
 
 A running poplock-reader follows the journal; 500 Dovecot login lines are sent one at
 a time (as root, like Dovecot's log process); after each, the answer `poplock check`
-gives is polled in-process (poplock.access.check_relay, the function behind the
+gives is polled in-process (poplock.access.check_relay_in_files, the function behind the
 command) until it says yes. Baselines, in the same run, for the same kind of entry:
 a follower that waits on the journal's change notification (as `journalctl -f` does),
 and the moment the entry can be read back at all (a reader re-reading in a tight loop).
@@ -18,7 +18,7 @@ from pathlib import Path
 from systemd import journal
 
 from common import Setup, median, percentile
-from poplock.access import check_relay
+from poplock.access import check_relay_in_files
 from poplock.config import load_config
 from support.journald import ensure_journald, unique_tag
 from support.poplock import ReaderProcess
@@ -59,7 +59,7 @@ def poplock_delay(tag: str, setup: Setup) -> list[float]:
         address = f"10.98.{index >> 8}.{index & 255}"
         started = time.perf_counter()
         journal.send(login_line(address), SYSLOG_IDENTIFIER=tag)
-        while not check_relay(config, address, time.time()).allowed:
+        while not check_relay_in_files(config, address, time.time()).allowed:
             time.sleep(0.0002)
         delays.append(time.perf_counter() - started)
     return delays

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["catchup.py", "latency.py", "relaylock.py"]
+BENCHMARKS = ["catchup.py", "latency.py", "relaylock.py", "policy.py"]
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))

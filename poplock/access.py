@@ -1,8 +1,8 @@
 """May this client relay now? The one decision relaylock, poplock-policy and `poplock check` share.
 
 A client may relay when it is in the static allow list or holds a live grant. The
-decision itself is pure; check_relay() reads the allow list and the store, and lets
-their errors propagate so that each caller fails closed in its own way.
+decision itself is pure; check_relay_in_files() reads the allow list and the store,
+and lets their errors propagate so that each caller fails closed in its own way.
 Free of `re` and `os`: relaylock makes this decision once per SMTP connection.
 """
 
@@ -28,9 +28,14 @@ def decide(address: str, now: float, networks: list[Network], grant: Grant | Non
     return Decision(address, grant is not None and grant.is_live(now), None, grant)
 
 
-def check_relay(config, address: str, now: float) -> Decision:
-    """Static list first (no store access needed), then the store. Raises ConfigError/StoreError."""
-    networks = load_allow_list(config.static_allow_file)
+def check_relay(address: str, now: float, networks: list[Network], lookup) -> Decision:
+    """The static list first (no store access needed), then `lookup(address)` for the grant."""
     if find_network(networks, address) is not None:
         return decide(address, now, networks, None)
-    return decide(address, now, networks, lookup_grant(config.store_path, address, config.busy_timeout))
+    return decide(address, now, networks, lookup(address))
+
+
+def check_relay_in_files(config, address: str, now: float) -> Decision:
+    """check_relay() on the configured allow list and store. Raises ConfigError/StoreError."""
+    return check_relay(address, now, load_allow_list(config.static_allow_file),
+                       lambda client: lookup_grant(config.store_path, client, config.busy_timeout))

@@ -23,7 +23,7 @@ import sys
 import time
 
 from poplock import events
-from poplock.access import check_relay
+from poplock.access import check_relay_in_files
 from poplock.addresses import load_allow_list, normalize_address
 from poplock.config import SETTINGS, Config, load_config
 from poplock.errors import AddressError, ConfigError, PoplockError, StoreBusyError, StoreError
@@ -167,7 +167,7 @@ def command_expire(config: Config, arguments) -> int:
 
 
 def command_check(config: Config, arguments) -> int:
-    decision = check_relay(config, arguments.address, time.time())
+    decision = check_relay_in_files(config, arguments.address, time.time())
     if decision.network is not None:
         reason = f"static network {decision.network.text} ({config.static_allow_file})"
     elif decision.grant is None:

@@ -39,6 +39,19 @@ def _recheck_interval(text: str) -> float:
     return seconds
 
 
+def _positive_timespan(text: str) -> float:
+    seconds = parse_timespan(text)
+    if seconds <= 0:
+        raise ValueError("must be longer than 0")
+    return seconds
+
+
+def _connection_count(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= 100000:
+        raise ValueError("expected a whole number from 1 to 100000")
+    return int(text)
+
+
 def _relay_client(text: str) -> str:
     if "\0" in text:
         raise ValueError("must not contain a NUL character")
@@ -87,6 +100,12 @@ SETTINGS = (
             "The value relaylock gives RELAYCLIENT for an allowed client (qpsmtpd needs a non-empty one)."),
     Setting("Policy", "Action", "policy_action", _policy_action, "OK",
             "What poplock-policy answers Postfix for a client that may relay; others get DUNNO."),
+    Setting("Policy", "RequestTimeout", "policy_request_timeout", _positive_timespan, "10s",
+            "A connection that starts a request and does not finish it within this is closed."),
+    Setting("Policy", "IdleTimeout", "policy_idle_timeout", _positive_timespan, "10min",
+            "A connection that sends nothing for this long is closed (Postfix itself closes after 300s)."),
+    Setting("Policy", "MaxConnections", "policy_max_connections", _connection_count, "500",
+            "At most this many connections at once; more are closed at once (Postfix then answers its default)."),
 )
 
 # [Source:NAME] sections: how poplock finds and trusts one POP3/IMAP server's log entries.

@@ -88,7 +88,7 @@ def decide(config_path: str | None, relay_client: str | None, environment: dict)
     import time
 
     from poplock import events
-    from poplock.access import check_relay
+    from poplock.access import check_relay_in_files
     from poplock.addresses import normalize_address
     from poplock.config import load_config
 
@@ -98,7 +98,7 @@ def decide(config_path: str | None, relay_client: str | None, environment: dict)
                           "and neither REMOTE_ADDR nor TCPREMOTEIP is set)")
     address = normalize_address(raw)
     config = load_config(config_path, sections=("Grants", "Store", "Relaylock"))
-    decision = check_relay(config, address, time.time())
+    decision = check_relay_in_files(config, address, time.time())
     value = relay_client if relay_client is not None else config.relay_client
     if decision.network is not None:
         return value, events.RELAY_ALLOWED, f"relay allowed for {address}: static network {decision.network.text}", address

@@ -108,3 +108,44 @@ class ReaderProcess:
         if self.process.poll() is None:
             self.stop()
         self.notify.close()
+
+
+class PolicyProcess:
+    """poplock-policy listening on a loopback port (or the given --listen places)."""
+
+    def __init__(self, setup: Setup, *listen: str, arguments: tuple[str, ...] = ()):
+        from .ports import free_port
+
+        self.setup = setup
+        self.port = free_port()
+        self.listen = list(listen) or [f"127.0.0.1:{self.port}"]
+        self.notify = NotifySocket(setup.directory)
+        self.log = setup.directory / f"policy-{self.port}.log"
+        env = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
+        env.update(self.notify.environment)
+        command_line = [command("poplock-policy"), "-c", str(setup.config), *arguments]
+        for where in self.listen:
+            command_line += ["--listen", where]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(command_line, stdout=log, stderr=log, env=env)
+        try:
+            self.notify.wait_for("READY=1")
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(15)
+        self.notify.close()
+        return status
+
+    def __enter__(self) -> "PolicyProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
