@@ -3,15 +3,33 @@
 #   make demo     a real Dovecot login becomes a relay grant, end to end (installs what it needs)
 #   make check    the whole test suite (installs what it needs)
 #   make bench    the benchmarks under bench/
+#   make install [DESTDIR=...] [PREFIX=/usr/local]    and    make uninstall
 
 PYTHON ?= /usr/bin/python3
 VENV ?= .venv
 
 # Debian 12 packages the product and its tests use.
 APT_PACKAGES = python3-venv python3-gdbm python3-systemd systemd systemd-journal-remote \
-	dovecot-core dovecot-pop3d dovecot-imapd openssl
+	dovecot-core dovecot-pop3d dovecot-imapd openssl postfix mailfront ucspi-tcp qpsmtpd libnet-ip-perl \
+	util-linux mandoc man-db systemd-container
 
-.PHONY: deps venv check demo bench
+PREFIX ?= /usr/local
+SYSCONFDIR ?= /etc
+BINDIR ?= $(PREFIX)/bin
+PYTHONDIR ?= $(PREFIX)/lib/python3/dist-packages
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+CATALOGDIR ?= $(PREFIX)/lib/systemd/catalog
+MANDIR ?= $(PREFIX)/share/man
+
+PROGRAMS = poplock:poplock.cli poplock-reader:poplock.reader poplock-policy:poplock.policy \
+	poplock-logauth:poplock.logauth
+MODULES = $(wildcard poplock/*.py)
+UNITS = $(wildcard units/*)
+MANPAGES = $(wildcard man/*.[0-9])
+
+.PHONY: deps venv check demo bench install uninstall
 
 deps:
 	@missing=""; for package in $(APT_PACKAGES); do \
@@ -31,10 +49,56 @@ venv: deps
 # relaylock runs once per SMTP connection: it starts Python isolated and without site
 # (-IS, about 2 ms less), so the script itself says where the poplock package lives.
 define write_relaylock
-printf '%s\n' '#!$(PYTHON) -IS' '"""relaylock: see relaylock(8)."""' 'import sys' \
-	'sys.path.insert(0, "$(2)")' 'from poplock.relaylock import main' 'sys.exit(main())' > $(1).new && \
-	chmod 755 $(1).new && mv $(1).new $(1)
+$(call write_program,$(1),$(2),poplock.relaylock,-IS)
 endef
+
+# write_program PATH, PACKAGE_DIR, MODULE, PYTHON_FLAGS: a script that runs MODULE's main().
+define write_program
+printf '%s\n' "#!$(PYTHON) $(4)" "import sys" "sys.path.insert(0, '$(2)')" \
+	"from $(3) import main" "sys.exit(main())" > $(1).new && chmod 755 $(1).new && mv $(1).new $(1)
+endef
+
+install:
+	install -d $(DESTDIR)$(PYTHONDIR)/poplock $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) \
+		$(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(CATALOGDIR) \
+		$(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(SYSCONFDIR)/poplock/poplock.conf.d
+	install -m 644 $(MODULES) $(DESTDIR)$(PYTHONDIR)/poplock/
+	$(PYTHON) -m compileall -q -d $(PYTHONDIR)/poplock $(DESTDIR)$(PYTHONDIR)/poplock
+	@for program in $(PROGRAMS); do \
+		name=$${program%%:*}; module=$${program#*:}; \
+		$(call write_program,$(DESTDIR)$(BINDIR)/$$name,$(PYTHONDIR),$$module,-I); \
+	done
+	@$(call write_relaylock,$(DESTDIR)$(BINDIR)/relaylock,$(PYTHONDIR))
+	for unit in $(UNITS); do \
+		sed 's|/usr/bin/|$(BINDIR)/|g' $$unit > $(DESTDIR)$(UNITDIR)/$${unit#units/}; \
+		chmod 644 $(DESTDIR)$(UNITDIR)/$${unit#units/}; \
+	done
+	install -m 644 tmpfiles.d/poplock.conf $(DESTDIR)$(TMPFILESDIR)/poplock.conf
+	install -m 644 sysusers.d/poplock.conf $(DESTDIR)$(SYSUSERSDIR)/poplock.conf
+	install -m 644 catalog/poplock.catalog $(DESTDIR)$(CATALOGDIR)/poplock.catalog
+	for page in $(MANPAGES); do \
+		install -m 644 $$page $(DESTDIR)$(MANDIR)/man$${page##*.}/; \
+	done
+	@# An administrator's configuration is never overwritten.
+	@for file in poplock.conf static-allowed; do \
+		test -e $(DESTDIR)$(SYSCONFDIR)/poplock/$$file || install -m 644 etc/$$file $(DESTDIR)$(SYSCONFDIR)/poplock/$$file; \
+	done
+	@if [ -z "$(DESTDIR)" ]; then \
+		systemd-sysusers $(SYSUSERSDIR)/poplock.conf; \
+		systemd-tmpfiles --create $(TMPFILESDIR)/poplock.conf; \
+		journalctl --update-catalog || true; \
+		if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
+	fi
+
+uninstall:
+	rm -rf $(DESTDIR)$(PYTHONDIR)/poplock
+	rm -f $(foreach program,$(PROGRAMS),$(DESTDIR)$(BINDIR)/$(firstword $(subst :, ,$(program)))) \
+		$(DESTDIR)$(BINDIR)/relaylock
+	rm -f $(foreach unit,$(UNITS),$(DESTDIR)$(UNITDIR)/$(notdir $(unit)))
+	rm -f $(DESTDIR)$(TMPFILESDIR)/poplock.conf $(DESTDIR)$(SYSUSERSDIR)/poplock.conf \
+		$(DESTDIR)$(CATALOGDIR)/poplock.catalog
+	rm -f $(foreach page,$(MANPAGES),$(DESTDIR)$(MANDIR)/man$(subst .,,$(suffix $(page)))/$(notdir $(page)))
+	@echo "left in place: $(SYSCONFDIR)/poplock (your configuration) and /var/lib/poplock (the grants)"
 
 check: venv
 	$(VENV)/bin/python -m pytest

@@ -40,6 +40,11 @@ def send_if_journal(message: str, priority: int, identifier: str, event=None, ad
         fields += [("MESSAGE_ID", event.message_id), ("POPLOCK_EVENT", event.name)]
     if address is not None:
         fields.append(("POPLOCK_CLIENT_ADDRESS", address))
+    return send(fields)
+
+
+def send(fields: list[tuple[str, str]]) -> bool:
+    """Send one entry to journald; False when journald cannot be reached."""
     datagram = b"".join(encode_field(name, value) for name, value in fields)
     connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
     try:

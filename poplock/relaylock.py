@@ -60,29 +60,6 @@ def parse_arguments(argv: list[str]) -> tuple[str | None, str | None, list[str]]
     return config, relay_client, program
 
 
-def client_address(environment: dict) -> str | None:
-    """The peer of standard input, else $REMOTE_ADDR, else $TCPREMOTEIP (raw text)."""
-    import _socket
-
-    try:
-        connection = _socket.socket(fileno=0)
-    except OSError:  # not a socket: a pipe, a terminal
-        connection = None
-    if connection is not None:
-        try:
-            if connection.family in (_socket.AF_INET, _socket.AF_INET6):
-                return connection.getpeername()[0]
-        except OSError:
-            pass
-        finally:
-            connection.detach()  # fd 0 belongs to the SMTP server
-    for name in (b"REMOTE_ADDR", b"TCPREMOTEIP"):
-        value = environment.get(name)
-        if value:
-            return value.decode("ascii", "replace")
-    return None
-
-
 def decide(config_path: str | None, relay_client: str | None, environment: dict):
     """(RELAYCLIENT value or None, the event, log message, address). Raises on any failure."""
     import time
@@ -91,6 +68,7 @@ def decide(config_path: str | None, relay_client: str | None, environment: dict)
     from poplock.access import check_relay_in_files
     from poplock.addresses import normalize_address
     from poplock.config import load_config
+    from poplock.peer import client_address
 
     raw = client_address(environment)
     if raw is None:
@@ -124,24 +102,6 @@ def report(message: str, event=None, address: str | None = None, priority: int =
         pass
 
 
-def execute(program: list[str], environment: dict) -> None:
-    """execvpe(3): search $PATH like a shell; returns only if nothing could be executed."""
-    name = program[0]
-    if "/" in name:
-        candidates = [name]
-    else:
-        path = environment.get(b"PATH", b"/usr/local/bin:/usr/bin:/bin").decode("utf-8", "replace")
-        candidates = [f"{directory or '.'}/{name}" for directory in path.split(":")]
-    error = None
-    for candidate in candidates:
-        try:
-            posix.execve(candidate, program, environment)
-        except OSError as failure:
-            if error is None or failure.errno != 2:  # keep the most telling error (not ENOENT)
-                error = failure
-    report(f"cannot run {name}: {error.strerror if error else 'not found'}", priority=3)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -158,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         report(message, event, address)
     except BaseException as error:  # noqa: BLE001 - every failure here must still run the server
         report(f"cannot decide, not relaying: {_describe(error)}", priority=3)
-    execute(program, environment)
+    from poplock.chain import execute
+
+    error = execute(program, environment)
+    report(f"cannot run {program[0]}: {error}", priority=3)
     return EX_OSERR
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
 
 class NotifySocket:
     def __init__(self, directory: Path):
-        self.path = directory / "notify.sock"
+        self.path = directory / f"notify-{uuid.uuid4().hex[:8]}.sock"
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.socket.bind(str(self.path))
         self.socket.settimeout(0.1)

@@ -23,4 +23,6 @@ def test_the_readme_demo_shows_a_login_becoming_a_grant(journald):
     assert "POP3 login from 127.0.0.5 with the right password: accepted" in result.stdout
     assert "127.0.0.5 may relay: grant until" in result.stdout
     assert "127.0.0.6 may not relay" in result.stdout
+    assert "SMTP from 127.0.0.5: RCPT TO:<someone@elsewhere.example> -> 250" in result.stdout
+    assert "SMTP from 127.0.0.7: RCPT TO:<someone@elsewhere.example> -> 554" in result.stdout
     assert "demo passed" in result.stdout
