@@ -41,7 +41,7 @@ def build_journal(path: Path) -> int:
                 logins += 1
             else:
                 message = f"pop3(user{index % 977})<{index}><b7aS8S1hfbZ/AAAF>: Disconnected: Logged out top=0/0"
-            fields = f"SYSLOG_IDENTIFIER=dovecot\n_UID=0\n_COMM=log\n_PID=801\n"
+            fields = "SYSLOG_IDENTIFIER=dovecot\n_UID=0\n_COMM=log\n_PID=801\n"
         else:
             message = f"CRON[{index}]: (root) CMD (run-parts /etc/cron.hourly) pass {index}"
             fields = f"SYSLOG_IDENTIFIER=CRON\n_UID=0\n_COMM=cron\n_PID={index}\n"

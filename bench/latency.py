@@ -15,13 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from systemd import journal
-
 from common import Setup, median, percentile
-from poplock.access import check_relay_in_files
-from poplock.config import load_config
 from support.journald import ensure_journald, unique_tag
 from support.poplock import ReaderProcess
+from systemd import journal
+
+from poplock.access import check_relay_in_files
+from poplock.config import load_config
 
 LOGINS = int(__import__("os").environ.get("LOGINS", "500"))
 

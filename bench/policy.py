@@ -20,12 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Setup, command, percentile
+from common import Setup, percentile
+from support.poplock import PolicyProcess
+from support.ports import free_port, wait_for_port
 
 from poplock.grants import Grant
 from poplock.storewriter import StoreWriter
-from support.poplock import PolicyProcess
-from support.ports import free_port, wait_for_port
 
 DURATION = float(os.environ.get("DURATION", "5"))
 CONNECTIONS = 20

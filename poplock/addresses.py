@@ -54,7 +54,9 @@ class Network:
         return int.from_bytes(packed, "big") >> shift == self.base >> shift
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Network) and (self.bits, self.base, self.prefix) == (other.bits, other.base, other.prefix)
+        if not isinstance(other, Network):
+            return False
+        return (self.bits, self.base, self.prefix) == (other.bits, other.base, other.prefix)
 
     def __hash__(self) -> int:
         return hash((self.bits, self.base, self.prefix))

@@ -113,7 +113,7 @@ def command_show(config: Config, arguments) -> int:
         return os.EX_OK
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3])
     return os.EX_OK
 
 

@@ -163,7 +163,8 @@ def load_config(path: str | None = None, sections: tuple[str, ...] | None = None
         known = _BY_SECTION.get(section)
         if known is None:
             if sections is None and not isinstance(item, Assignment):
-                problems.append(f"{item.path}:{item.line}: [{section}]: unknown section{_suggest(section, _section_names())}")
+                suggestion = _suggest(section, _section_names())
+                problems.append(f"{item.path}:{item.line}: [{section}]: unknown section{suggestion}")
             continue
         if not isinstance(item, Assignment) or (sections is not None and section not in sections):
             continue
@@ -190,7 +191,8 @@ def _check_source_sections(source_sections: dict[str, list[Assignment]]) -> list
     for name, assignments in source_sections.items():
         for item in assignments:
             if item.key not in SOURCE_KEYS:
-                problems.append(f"{item.place}: [Source:{name}] {item.key}: unknown setting{_suggest(item.key, SOURCE_KEYS)}")
+                suggestion = _suggest(item.key, SOURCE_KEYS)
+                problems.append(f"{item.place}: [Source:{name}] {item.key}: unknown setting{suggestion}")
     return problems
 
 

@@ -37,7 +37,8 @@ class Grant:
         return hash(self._fields())
 
     def __repr__(self) -> str:
-        return "Grant(address=%r, expires_at=%r, login_at=%r, source=%r)" % self._fields()
+        address, expires_at, login_at, source = self._fields()
+        return f"Grant(address={address!r}, expires_at={expires_at!r}, login_at={login_at!r}, source={source!r})"
 
 
 class GrantDecodeError(ValueError):

@@ -5,9 +5,8 @@ yet its events should carry their MESSAGE_ID and POPLOCK_* fields like everyone 
 The native protocol is one datagram of FIELD=value lines to journald's socket.
 """
 
-import posix
-
 import _socket
+import posix
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 

@@ -152,7 +152,7 @@ class PolicyService:
                 if replies:
                     writer.write(b"".join(replies))
                     await writer.drain()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.info("closing a connection that %s", "sent half a request and stalled" if buffer.in_request
                      else "stayed idle")
         except ProtocolError as error:

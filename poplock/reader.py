@@ -258,8 +258,8 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
         if watchdog and now - last_ping >= watchdog / 2:
             reader.notify("WATCHDOG=1")
             last_ping = now
-        timeout = _wait_timeout(pause, status_due, watchdog / 2 if watchdog else None,
-                                reader.config.recheck_interval if pause is None and reader.config.recheck_interval else None)
+        recheck = reader.config.recheck_interval if pause is None and reader.config.recheck_interval else None
+        timeout = _wait_timeout(pause, status_due, watchdog / 2 if watchdog else None, recheck)
         readable, _, _ = select.select([follower.fileno(), stop.read_fd], [], [], timeout)
         if stop.read_fd in readable:
             stop.drain()

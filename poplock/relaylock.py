@@ -79,7 +79,8 @@ def decide(config_path: str | None, relay_client: str | None, environment: dict)
     decision = check_relay_in_files(config, address, time.time())
     value = relay_client if relay_client is not None else config.relay_client
     if decision.network is not None:
-        return value, events.RELAY_ALLOWED, f"relay allowed for {address}: static network {decision.network.text}", address
+        reason = f"static network {decision.network.text}"
+        return value, events.RELAY_ALLOWED, f"relay allowed for {address}: {reason}", address
     if decision.allowed:
         grant = decision.grant
         return value, events.RELAY_ALLOWED, f"relay allowed for {address}: {grant.source} grant", address
@@ -94,7 +95,7 @@ def report(message: str, event=None, address: str | None = None, priority: int =
 
         if send_if_journal(message, priority, "relaylock", event, address):
             return
-    except Exception:  # reporting must never stop the server from running
+    except Exception:  # noqa: BLE001 - reporting must never stop the server from running
         pass
     try:
         posix.write(2, f"relaylock: {message}\n".encode("utf-8", "replace"))

@@ -22,9 +22,8 @@ How one writer and many readers share it (LMDB-style):
 relaylock imports this once per SMTP connection: only `_gdbm` and `time` here.
 """
 
-import time
-
 import _gdbm
+import time
 
 from poplock.errors import StoreBusyError, StoreCorruptError, StoreError
 from poplock.grants import Grant, GrantDecodeError, decode_grant

@@ -11,14 +11,13 @@ that a root `poplock add` leaves a file the reader daemon and the SMTP side can 
 
 from __future__ import annotations
 
+import _gdbm
 import fcntl
 import logging
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import _gdbm
 
 from poplock.errors import StoreCorruptError, StoreError
 from poplock.grants import Grant, encode_grant

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from support.journald import ensure_journald
 from support.poplock import Setup
 

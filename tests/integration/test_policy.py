@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-
 from support.poplock import PolicyProcess, command
 from support.ports import free_port
 

@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support.journald import write_journal_file
 
 WINDOW = 1800

@@ -12,11 +12,11 @@ import threading
 import time
 
 import pytest
+from support.journald import unique_tag
+from support.poplock import ReaderProcess, Setup
 from systemd import journal
 
 from poplock.store import read_snapshot
-from support.journald import unique_tag
-from support.poplock import ReaderProcess, Setup, command
 
 
 def login_line(address: str) -> str:

@@ -1,14 +1,13 @@
 """relaylock in front of real qmail-style SMTP servers, under tcpserver and socket activation,
 and when its own lookup fails: the server always runs, and relays only for a granted client."""
 
+import _gdbm
 import os
 import subprocess
-import sys
 import time
+from pathlib import Path
 
-import _gdbm
 import pytest
-
 from support.poplock import command
 from support.smtpservers import SocketActivate, TcpServer, mailfront, qpsmtpd, try_relay
 
@@ -160,13 +159,14 @@ def test_a_program_that_cannot_be_run_is_reported(granted):
 
 def test_relaylock_imports_nothing_heavy(granted):
     # Its import graph is a budget: no re, os, socket, ipaddress, dataclasses, typing, journal.
+    repository = str(Path(__file__).resolve().parents[2])
+    heavy = ["re", "os", "socket", "ipaddress", "dataclasses", "typing", "systemd", "systemd.journal",
+             "argparse", "logging", "json", "dbm"]
     probe = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {repository!r})\n"
         "from poplock import relaylock\n"
-        "relaylock.decide(%r, None, {b'REMOTE_ADDR': b'127.0.0.5'})\n"
-        "heavy = {'re', 'os', 'socket', 'ipaddress', 'dataclasses', 'typing', 'systemd', 'systemd.journal',"
-        " 'argparse', 'logging', 'json', 'dbm'}\n"
-        "print(sorted(heavy & set(sys.modules)))\n"
-    ) % (str(__import__("pathlib").Path(__file__).resolve().parents[2]), str(granted.config))
+        f"relaylock.decide({str(granted.config)!r}, None, {{b'REMOTE_ADDR': b'127.0.0.5'}})\n"
+        f"print(sorted(set({heavy!r}) & set(sys.modules)))\n"
+    )
     result = subprocess.run(["/usr/bin/python3", "-IS", "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

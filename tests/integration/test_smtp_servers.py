@@ -8,7 +8,6 @@ Postfix instance's relay decision is the restriction it was given, failing close
 from __future__ import annotations
 
 import pytest
-
 from support.ports import free_port
 from support.postfix import PostfixInstance
 from support.smtpservers import (

@@ -1,11 +1,11 @@
 """The grant store on real gdbm files: snapshots, atomic replacement, locks held by others, damage."""
 
+import _gdbm
 import os
 import pwd
 import threading
 import time
 
-import _gdbm
 import pytest
 
 from poplock.errors import StoreBusyError, StoreCorruptError

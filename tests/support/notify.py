@@ -28,7 +28,7 @@ class NotifySocket:
         while not self._closed:
             try:
                 message = self.socket.recv(4096).decode()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

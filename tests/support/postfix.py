@@ -14,8 +14,8 @@ manage such an instance; `postfix -c DIRECTORY/etc` can.
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import tempfile
 import time

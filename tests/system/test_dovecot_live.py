@@ -4,7 +4,6 @@ read by a running poplock-reader: exactly the logins that succeeded are granted.
 import json
 
 import pytest
-
 from support.dovecot import Dovecot
 from support.journald import unique_tag
 from support.mailclients import imap_login, pop3_login

@@ -3,13 +3,13 @@
 import time
 
 import pytest
-
-from poplock.grants import Grant
-from poplock.storewriter import StoreWriter
 from support.poplock import PolicyProcess
 from support.ports import free_port
 from support.postfix import PostfixInstance
 from support.smtpservers import try_relay
+
+from poplock.grants import Grant
+from poplock.storewriter import StoreWriter
 
 GRANTED = "127.0.0.5"
 STRANGER = "127.0.0.6"

@@ -15,7 +15,8 @@ def test_addresses_have_one_spelling_and_mapped_ipv6_is_the_ipv4_client(text, ca
     assert normalize_address(text) == canonical
 
 
-@pytest.mark.parametrize("text", ["", "192.0.2", "192.0.2.256", "host.example", "203.0.113.9>", "1:2:3", "fe80::1%eth0"])
+@pytest.mark.parametrize("text", ["", "192.0.2", "192.0.2.256", "host.example", "203.0.113.9>", "1:2:3",
+                                  "fe80::1%eth0"])
 def test_text_that_is_not_an_address_is_refused(text):
     with pytest.raises(AddressError):
         normalize_address(text)

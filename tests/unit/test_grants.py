@@ -1,7 +1,14 @@
 import pytest
 
-from poplock.grants import (Grant, GrantDecodeError, decode_grant, encode_grant, grant_for_login, merge_grant,
-                            split_expired)
+from poplock.grants import (
+    Grant,
+    GrantDecodeError,
+    decode_grant,
+    encode_grant,
+    grant_for_login,
+    merge_grant,
+    split_expired,
+)
 
 LOGIN_AT = 1_795_699_814
 
