@@ -79,12 +79,7 @@ class ReaderProcess:
                 [command("poplock-reader"), "-c", str(setup.config), *arguments],
                 stdout=log, stderr=log, env=env,
             )
-        try:
-            self.notify.wait_for("READY=1")
-        except TimeoutError:
-            self.kill()
-            self.notify.close()
-            raise
+        _wait_until_ready(self.process, self.notify, self.log)
 
     def output(self) -> str:
         return self.log.read_text()
@@ -128,11 +123,7 @@ class PolicyProcess:
             command_line += ["--listen", where]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command_line, stdout=log, stderr=log, env=env)
-        try:
-            self.notify.wait_for("READY=1")
-        except TimeoutError:
-            self.stop()
-            raise
+        _wait_until_ready(self.process, self.notify, self.log)
 
     def output(self) -> str:
         return self.log.read_text()
@@ -149,3 +140,20 @@ class PolicyProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _wait_until_ready(process: subprocess.Popen, notify: NotifySocket, log: Path, timeout: float = 15.0) -> None:
+    """Until the service sends READY=1; fails at once, with its log, if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            notify.wait_for("READY=1", timeout=0.05)
+            return
+        except TimeoutError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                if process.poll() is None:
+                    process.kill()
+                process.wait(15)
+                notify.close()
+                raise RuntimeError(f"{process.args[0]} did not become ready (exit status {process.returncode}):\n"
+                                   f"{log.read_text()}") from None
