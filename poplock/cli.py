@@ -184,10 +184,16 @@ def command_check(config: Config, arguments) -> int:
 
 def command_scan(config: Config, arguments) -> int:
     from poplock.follow import JournalFollower
-    from poplock.logins import LoginParser
+    from poplock.logins import Login, LoginParser, Unmatched
+    from poplock.servers import SERVERS
     from poplock.sources import build_sources
 
-    names = arguments.source or list(config.sources)
+    if arguments.source:
+        names = arguments.source
+    elif arguments.all_sources:  # every parser poplock has, watched or not
+        names = list(SERVERS) + [name for name in config.source_sections if name not in SERVERS]
+    else:
+        names = list(config.sources)
     sources = list(build_sources(config, names).values())
     parser = LoginParser(sources, check_trust=not arguments.all_sources)
     matches = None if arguments.all_sources else [m for source in sources for m in source.journal_matches()]
@@ -203,17 +209,22 @@ def command_scan(config: Config, arguments) -> int:
             for entry in follower.read(10000):
                 count += 1
                 try:
-                    login = parser.parse(entry)
+                    found = parser.examine(entry) if arguments.unmatched else parser.parse(entry)
                 except OSError as error:  # a corrupt entry: say so, and go on
                     print(f"poplock: warning: skipping an unreadable journal entry: {error}", file=sys.stderr)
                     continue
-                if login is None:
-                    continue
-                if arguments.json:
-                    _print_json({"address": login.address, "time": iso_time(login.time), "user": login.user,
-                                 "source": login.source, "cursor": entry.cursor})
-                else:
-                    print(f"{iso_time(login.time)}  {login.address}  {login.source}  user={login.user}")
+                if arguments.unmatched and isinstance(found, Unmatched):
+                    if arguments.json:
+                        _print_json({"source": found.source, "time": iso_time(found.time), "reason": found.reason,
+                                     "message": found.message, "cursor": entry.cursor})
+                    else:
+                        print(f"{iso_time(found.time)}  {found.source}  {found.reason}: {found.message}")
+                elif not arguments.unmatched and isinstance(found, Login):
+                    if arguments.json:
+                        _print_json({"address": found.address, "time": iso_time(found.time), "user": found.user,
+                                     "source": found.source, "cursor": entry.cursor})
+                    else:
+                        print(f"{iso_time(found.time)}  {found.address}  {found.source}  user={found.user}")
             if count == 0:
                 break
     finally:
@@ -241,8 +252,10 @@ def command_config(config: Config, arguments) -> int:
         print(f"Identifiers={' '.join(source.identifiers)}")
         print(f"Units={' '.join(source.units)}")
         print(f"Users={' '.join(str(uid) for uid in sorted(source.uids))}")
+        print(f"LoginUsers={' '.join(str(uid) for uid in sorted(source.login_uids))}")
         for pattern in source.patterns:
             print(f"Pattern={pattern.pattern}")
+        print(f"Hint={source.hint.pattern if source.hint else ''}")
     return os.EX_OK
 
 
@@ -291,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--source", action="append", metavar="NAME",
                       help="use this source instead of the watched ones (repeatable; need not be enabled)")
     scan.add_argument("--all-sources", action="store_true",
-                      help="try the patterns on every entry, whoever wrote it (for checking patterns)")
+                      help="try every source's patterns on every entry, whoever wrote it (for checking patterns)")
+    scan.add_argument("--unmatched", action="store_true",
+                      help="print instead the entries that look like logins but that no pattern reads")
     scan.add_argument("--json", action="store_true",
                       help="one JSON object per line: address, time, user, source, cursor")
     scan.set_defaults(run=command_scan)

@@ -94,6 +94,8 @@ SETTINGS = (
     Setting("Reader", "RecheckInterval", "recheck_interval", _recheck_interval, "10ms",
             "How often to look for new journal entries besides journald's change notifications, which "
             "arrive up to half a second late; 0 waits for the notifications alone."),
+    Setting("Reader", "UnmatchedWarningAfter", "unmatched_warning_after", _positive_timespan, "5min",
+            "Warn when a watched server has logged login-looking lines that no pattern reads for this long."),
     Setting("Reader", "Sources", "sources", parse_list, "dovecot",
             "The login sources to watch, by name: built-in servers or [Source:NAME] sections."),
     Setting("Relaylock", "RelayClient", "relay_client", _relay_client, "",
@@ -115,6 +117,9 @@ SOURCE_KEYS = {
     "Units": "Trusted: the systemd units the server runs as (_SYSTEMD_UNIT, set by journald).",
     "Users": "Trusted when the entry has no _SYSTEMD_UNIT, or the source lists no Units: user names or "
              "uids the server logs as (_UID, from the kernel).",
+    "LoginUsers": "Trusted less, for servers that log a login as the mail user (popa3d, mailutils imap4d, "
+                  "solid-pop3d after APOP): uids such a line may carry, which confirm a login whose address a "
+                  "line trusted by Users gave. List only accounts that cannot run programs of their own.",
     "Pattern": "A regular expression for one successful login, with the named group (?P<address>...) and "
                "optionally (?P<user>...); repeat to add more. Required for a source that is not built in.",
     "Hint": "A regular expression for lines that look like logins, for the warning when none of them match.",

@@ -26,7 +26,7 @@ from poplock.cursor import CursorFileError, load_cursor, save_cursor
 from poplock.errors import ConfigError, StoreError
 from poplock.follow import JournalFollower, Position
 from poplock.grants import grant_for_login, merge_grant
-from poplock.logins import Login, LoginParser
+from poplock.logins import Drift, Login, LoginParser, Unmatched, UnmatchedLogins
 from poplock.logs import iso_time, log_event, setup_logging
 from poplock.sources import Source, build_sources
 from poplock.store import read_snapshot
@@ -55,6 +55,7 @@ class Reader:
         self.config = config
         self.sources = sources
         self.parser = LoginParser(sources)
+        self.unmatched = UnmatchedLogins(grace=config.unmatched_warning_after)
         self.follower = follower
         self.writer = writer
         self.clock = clock
@@ -116,12 +117,27 @@ class Reader:
         for entry in self.follower.read(BATCH):
             count += 1
             try:
-                login = self.parser.parse(entry)
-                if login is not None:
-                    logins.append((login, entry.get("_SYSTEMD_UNIT")))
+                found = self.parser.examine(entry)
+                if isinstance(found, Login):
+                    logins.append((found, entry.get("_SYSTEMD_UNIT")))
+                    self.unmatched.login(found)
+                elif isinstance(found, Unmatched):
+                    drift = self.unmatched.add(found)
+                    if drift is not None:
+                        self._warn_drift(drift)
             except Exception:  # a bad entry is logged and skipped, never fatal
                 log.exception("skipping a journal entry that could not be read or parsed")
+        for drift in self.unmatched.due(self.clock()):
+            self._warn_drift(drift)
         return logins, self.follower.cursor() if count else None, count
+
+    def _warn_drift(self, drift: Drift) -> None:
+        since = f"the last login read was at {iso_time(drift.last_login)}" if drift.last_login else \
+            "no login of it has been read yet"
+        log_event(log, logging.WARNING, events.LOGIN_UNMATCHED,
+                  "%s logged %d lines since %s that look like logins but that no pattern reads (%s); "
+                  "%s. The latest: %s", drift.source, drift.count, iso_time(drift.first), drift.last.reason,
+                  since, drift.last.message, source=drift.source)
 
     def _commit(self, logins: list[tuple[Login, str | None]], cursor: str) -> None:
         now = self.clock()

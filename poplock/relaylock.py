@@ -118,12 +118,28 @@ def main(argv: list[str] | None = None) -> int:
             environment[RELAYCLIENT] = value.encode()
         report(message, event, address)
     except BaseException as error:  # noqa: BLE001 - every failure here must still run the server
-        report(f"cannot decide, not relaying: {_describe(error)}", priority=3)
+        report(f"cannot decide, not relaying: {_describe(error)}", _failure_event(error), priority=3)
     from poplock.chain import execute
 
     error = execute(program, environment)
     report(f"cannot run {program[0]}: {error}", priority=3)
     return EX_OSERR
+
+
+def _failure_event(error: BaseException):
+    """The MESSAGE_ID an admin alerts on for this failure (None if even that cannot be told)."""
+    try:
+        from poplock import events
+        from poplock.errors import ConfigError, StoreBusyError, StoreError
+    except BaseException:  # noqa: BLE001 - a broken install still runs the server
+        return None
+    if isinstance(error, StoreBusyError):
+        return events.STORE_BUSY
+    if isinstance(error, StoreError):
+        return events.STORE_FAILED
+    if isinstance(error, ConfigError):
+        return events.CONFIG_INVALID
+    return None
 
 
 def _describe(error: BaseException) -> str:

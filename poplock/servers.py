@@ -2,19 +2,103 @@
 
 Adding a server is adding one entry to SERVERS. Each pattern must match the whole
 MESSAGE of exactly one successful login, anchored on text the server itself writes.
-Text a client chooses (the user name, anything it sends) is matched as the least that
-lets the server's fixed structure that follows it match through the end of the line;
-it can neither supply the address nor turn a failure into a success.
+Text a client chooses (the user name, anything it sends) sits where the server's fixed
+structure around it decides what it is: where the user name comes before the address,
+the name is matched greedily and the pattern ends with the server's exact tail, so the
+address read is the last one, the server's own; where the address comes first, it is
+read right after the server's fixed prefix. Either way a client's text can neither
+supply the address nor turn a failure into a success, and a line the structure cannot
+resolve (a cut-off address, say) matches nothing.
 
 The selection fields are defaults, each overridable in a [Source:NAME] section:
 `identifiers` find candidate entries (not evidence: any local user can claim them);
 `units` and `users` are the evidence (_SYSTEMD_UNIT and _UID, which journald sets).
+Units are the names Debian's packages give the server's service (or inetd's, for
+servers that inetd starts); under systemd the unit settles every question of trust.
+
+Some servers write the successful login as the mail user they have just become
+(popa3d, mailutils imap4d, solid-pop3d after APOP). Under a plain journald such a line's
+_UID is no evidence: any local user who also has a mailbox has that kind of uid. Those
+uids are trusted only when the admin lists them in `LoginUsers=` (accounts that cannot
+run programs of their own), and a line trusted that way never supplies an address by
+itself: the address must come from a line of the same connection that `users` or
+`units` trust (see Correlation). So under a plain journald these logins grant nothing
+by default; under systemd they grant, their unit being the evidence.
+
+Servers that write the client address and the successful login on different lines of
+one connection are read with a Correlation: the address line (trusted like any other)
+is remembered under the connection's key, the login line takes it. The key is the
+entry's _PID (journald's, per boot) when one process writes both lines (tcpd and the
+server it execs keep the pid), or the session id at the start of the line when the
+server prints one in every line of a connection (mailutils).
+
+Why a _PID alone is not enough under a plain journald: pids are reused, and a local user
+can cycle through them (32768 of them on many machines) until a process of theirs has the
+pid that a connection from the attacker's address just left behind; a login line that
+process logs would take that address. So a correlated login line must itself be trusted
+as above (root, the unit, or LoginUsers); the address line must be trusted by `users` or
+`units` (root: tcpd and the listeners run as root); lines that end an unauthenticated
+connection (popa3d's "Didn't attempt authentication") forget its address; an address
+older than `max_age` (journal time, from __REALTIME_TIMESTAMP) is never used; and a
+login takes the address, so one connection grants once. Per server:
+
+- popa3d (key _PID): tcpd's `connect from` (root) gives the address, popa3d's
+  `Authentication passed` (the mail user) the login. Under systemd both carry the inetd
+  (or popa3d) unit, which settles it. Under a plain journald no rule is safe, so by
+  default nothing grants; LoginUsers= (mail-only accounts) is the admin's way to allow it.
+- mailutils (key: the session id starting every line, `logging { session-id yes; }`):
+  the listener (root) logs `SID connect from ADDRESS` (the acl line the site must add),
+  pop3d's child logs its login as root: safe under a plain journald, as only root writes
+  uid 0 lines. imap4d's child logs its login as the mail user: by default that needs the
+  unit (systemd); LoginUsers= allows it under a plain journald, but session ids are no
+  secret, so any uid listed there could confirm any open connection.
+- solid-pop3d (key _PID, used only for APOP): its login line holds the address and is
+  written by root, except after APOP (the mail user). Such a line is read only with
+  LoginUsers=, and only when tcpd's or solid-pop3d's own root `connect from` line of the
+  same process gave the same address.
+- UW imapd/ipop3d and qpopper: their lines hold the address; should a site find them
+  written as the mail user, LoginUsers= applies with their own root connection lines
+  (`imap service init from`, `Servicing request from`, tcpd's) as for solid-pop3d.
+
+Everything in the map is lost when the reader restarts: a login whose address line came
+before the saved journal position grants nothing (the client's next login does).
 """
 
 from dataclasses import dataclass
 
 # Addresses as servers print them; normalize_address() does the real checking.
 _ADDRESS = r"[0-9A-Fa-f.:]+"
+_IPV4 = r"[0-9.]+"
+# A host name as servers print a resolved client: one holding spaces, brackets or
+# parentheses makes the line match nothing.
+_HOST = r"[^\s()\[\]]+"
+# tcpd's line, with the Debian patch ("connect from NAME (ADDRESS)", NAME may be the
+# address again) or without ("connect from ADDRESS").
+_TCPD_CONNECT = (
+    r"connect from " + _HOST + r" \((?P<address>" + _ADDRESS + r")\)",
+    r"connect from (?P<address>" + _ADDRESS + r")",
+)
+# Services that inetd starts run in its unit under systemd (openbsd-inetd.service is an alias).
+_INETD_UNITS = ("inetd.service", "xinetd.service")
+
+CORRELATE_BY_PID = "pid"
+CORRELATE_BY_SESSION = "session"
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """How the address line and the login line of one connection are paired."""
+
+    key: str  # CORRELATE_BY_PID, or CORRELATE_BY_SESSION: the (?P<session>) group of both lines
+    # Lines that give a connection's address: (?P<address>...), and (?P<session>...) when keyed by session.
+    connections: tuple[str, ...]
+    # Lines that end a connection without a login: its address is forgotten.
+    ends: tuple[str, ...] = ()
+    # Seconds (journal time) an address waits for its login: as long as the servers wait for
+    # a command by default (ten minutes); a client slower than that gets no grant.
+    max_age: float = 600.0
+    # Connections remembered per source at most; the oldest go first.
+    max_size: int = 4096
 
 
 @dataclass(frozen=True)
@@ -24,9 +108,14 @@ class Server:
     identifiers: tuple[str, ...]
     units: tuple[str, ...]
     users: tuple[str, ...]
+    # Successful logins: (?P<address>...) and optionally (?P<user>...); for a server with a
+    # Correlation, a pattern without an address takes it from the connection's address line.
     patterns: tuple[str, ...]
-    # Lines that look like logins, whether or not a pattern reads them (format drift).
+    # Lines that look like logins, whether or not a pattern reads them (format drift); re.search.
     hint: str
+    correlation: Correlation | None = None
+    # Uids the login line may carry when the server writes it as the mail user (see above).
+    login_users: tuple[str, ...] = ()
 
 
 DOVECOT = Server(
@@ -40,9 +129,217 @@ DOVECOT = Server(
         r"(?:pop3|imap)-login: (?:Info: )?(?:Login|Logged in): user=<(?P<user>.*)>, "
         r"method=[A-Za-z0-9_-]+, rip=(?P<address>" + _ADDRESS + r"), lip=" + _ADDRESS
         + r"(?:, mpid=[0-9]+)?(?:, (?:TLS|secured))?"
+        r"(?:, TLSv[0-9.]+ with cipher [A-Za-z0-9_-]+ \([0-9]+/[0-9]+ bits\))?"
         r"(?:, session=<[A-Za-z0-9+/=]*>)?",
     ),
-    hint=r"(?:pop3|imap)-login: .*\b(?:Login|Logged in)\b",
+    hint=r"^(?:pop3|imap)-login: (?:Info: )?(?:Login|Logged in): ",
 )
 
-SERVERS: dict[str, Server] = {server.name: server for server in (DOVECOT,)}
+COURIER = Server(
+    name="courier",
+    description="Courier pop3d, pop3d-ssl, imapd, imapd-ssl (through courierlogger)",
+    # Debian's /etc/courier files name each service's logger; older Courier logged as the
+    # login program itself.
+    identifiers=("pop3d", "pop3d-ssl", "imapd", "imapd-ssl", "courierpop3login"),
+    units=("courier-pop.service", "courier-pop-ssl.service", "courier-imap.service", "courier-imap-ssl.service"),
+    # courierlogger (root) relays every line: `LOGIN, user=NAME, ip=[ADDRESS], port=[PORT]`.
+    users=("root",),
+    patterns=(
+        # A name such as `x, ip=[203.0.113.11]` comes first; the address is the last ip=[...],
+        # which only port= and protocol= may follow. Older Courier wrote no port.
+        r"LOGIN, user=(?P<user>.*), ip=\[(?P<address>" + _ADDRESS + r")\]"
+        r"(?:, port=\[[0-9]+\])?(?:, protocol=IMAP)?",
+    ),
+    hint=r"^LOGIN, ",
+)
+
+CYRUS = Server(
+    name="cyrus",
+    description="Cyrus IMAP pop3d and imapd (under master)",
+    # Debian's imapd.conf sets syslog_prefix: cyrus, so lines come as cyrus/<service> for the
+    # services its cyrus.conf defines; without the prefix, as the bare service name.
+    identifiers=("cyrus/pop3", "cyrus/pop3s", "cyrus/imap", "cyrus/imaps", "pop3", "pop3s", "imap", "imaps"),
+    units=("cyrus-imapd.service",),
+    # master drops root for the cyrus user before starting pop3d and imapd.
+    users=("cyrus",),
+    patterns=(
+        # `login: [HOST ][ADDRESS] USER MECHANISM User logged in`: the address comes right
+        # after the fixed prefix (a host name holds no brackets), before the user name.
+        r"login: (?:" + _HOST + r" ?)?\[(?P<address>" + _ADDRESS + r")\] (?P<user>.+) [^ ]+ User logged in"
+        r"(?: SESSIONID=<[^<>\s]*>)?",
+    ),
+    hint=r"^login: ",
+)
+
+MAILUTILS = Server(
+    name="mailutils",
+    description="GNU mailutils pop3d and imap4d (logging { session-id yes; } and an acl that logs the address)",
+    identifiers=("pop3d", "imap4d"),
+    units=("mailutils-pop3d.service", "mailutils-imap4d.service"),
+    # The listener (root) logs the address; pop3d's child logs the login as root, imap4d's
+    # child as the mail user (LoginUsers, or the unit under systemd).
+    users=("root",),
+    patterns=(
+        r"(?P<session>[0-9A-Za-z]+) POP3 login: user `(?P<user>.*)', source [^\s,]+",
+        r"(?P<session>[0-9A-Za-z]+) user `(?P<user>.*)' logged in \(source: [^\s()]+\)",
+    ),
+    hint=r"^[0-9A-Za-z]+ (?:POP3 login: user `|user `.*' logged in \(source: )",
+    correlation=Correlation(
+        key=CORRELATE_BY_SESSION,
+        connections=(
+            # What `acl { log from any "connect from ${address}"; }` writes; IPv6 in full.
+            r"(?P<session>[0-9A-Za-z]+) connect from (?P<address>" + _ADDRESS + r")",
+            r"(?P<session>[0-9A-Za-z]+) inet://(?P<address>" + _IPV4 + r"):[0-9]+: "
+            r"undefined ACL result; access allowed",
+            r"(?P<session>[0-9A-Za-z]+) inet6://\[(?P<address>" + _ADDRESS + r")\]:[0-9]+: "
+            r"undefined ACL result; access allowed",
+        ),
+    ),
+)
+
+POPA3D = Server(
+    name="popa3d",
+    description="popa3d from inetd through tcpd",
+    identifiers=("popa3d",),
+    units=_INETD_UNITS + ("popa3d.service",),
+    # tcpd (root) logs `connect from NAME (ADDRESS)` and execs popa3d in the same process,
+    # which logs `Authentication passed for USER` as that user: never evidence by itself.
+    users=("root",),
+    patterns=(r"Authentication passed for (?P<user>.+)",),
+    hint=r"^Authentication passed for ",
+    correlation=Correlation(
+        key=CORRELATE_BY_PID,
+        connections=_TCPD_CONNECT,
+        ends=(r"Authentication failed for .+", r"Didn't attempt authentication"),
+    ),
+)
+
+SOLID_POP3D = Server(
+    name="solid-pop3d",
+    description="solid-pop3d from inetd through tcpd",
+    identifiers=("solid-pop3d", "spop3d"),
+    units=_INETD_UNITS + ("solid-pop3d.service",),
+    # Root logs the login, except after APOP: then the mail user does (LoginUsers).
+    users=("root",),
+    patterns=(
+        # `user NAME authenticated - ADDRESS` or `- HOST (ADDRESS)`: the name comes first and
+        # may hold `authenticated - 203.0.113.13`; the address is the line's last.
+        r"user (?P<user>.+) authenticated(?: through APOP)? - (?P<address>" + _ADDRESS + r")",
+        r"user (?P<user>.+) authenticated(?: through APOP)? - " + _HOST + r" \((?P<address>" + _ADDRESS + r")\)",
+    ),
+    hint=r"^user .+ authenticated\b",
+    # Only for lines trusted by LoginUsers: their address must be the one tcpd and
+    # solid-pop3d logged as root for the same process.
+    correlation=Correlation(
+        key=CORRELATE_BY_PID,
+        connections=_TCPD_CONNECT,
+        ends=(r"(?:APOP )?authentication failed.*", r"session ended - .+"),
+    ),
+)
+
+# Servers that cannot run here: formats from their published lines (see tests/unit/test_corpus.py).
+# Their trust defaults are the conservative ones (root, and Debian's unit names); where
+# the line turns out to be written by another uid, set Users= or LoginUsers=.
+
+QPOPPER = Server(
+    name="qpopper",
+    description="Qualcomm qpopper 4",
+    identifiers=("popper", "qpopper", "in.qpopper"),
+    units=_INETD_UNITS + ("qpopper.service",),
+    users=("root",),
+    patterns=(
+        # `(v4.0.9) POP login by user "NAME" at (HOST) ADDRESS [pop_log.c:244]`
+        r"\(v[^()\s]*\) POP login by user \"(?P<user>.*)\" at \([^()]*\) (?P<address>" + _ADDRESS + r")"
+        r"(?: \[[A-Za-z0-9_]+\.c:[0-9]+\])?",
+    ),
+    hint=r"^\(v[^()\s]*\) POP login by user ",
+    correlation=Correlation(
+        key=CORRELATE_BY_PID,
+        connections=(
+            r"\(v[^()\s]*\) Servicing request from \"[^\"]*\" at (?P<address>" + _ADDRESS + r")"
+            r"(?: \[[A-Za-z0-9_]+\.c:[0-9]+\])?",
+        ) + _TCPD_CONNECT,
+    ),
+)
+
+UW_IMAP = Server(
+    name="uw-imap",
+    description="UW (University of Washington) imapd and ipop3d",
+    identifiers=("imapd", "ipop3d", "ipop2d"),
+    units=_INETD_UNITS,
+    users=("root",),
+    patterns=(
+        # `Login user=NAME host=HOST [ADDRESS]` (ipop3d adds ` nmsgs=N/N`). UW cuts host= to 80
+        # characters: a long host name leaves no complete [ADDRESS], and the line matches nothing.
+        r"(?:Login|Authenticated|Auth|APOP) user=(?P<user>.*) host=(?:" + _HOST + r" )?"
+        r"\[(?P<address>" + _ADDRESS + r")\](?: nmsgs=[0-9]+/[0-9]+)?",
+    ),
+    hint=r"^(?:Login|Authenticated|Auth|APOP) user=",
+    correlation=Correlation(
+        key=CORRELATE_BY_PID,
+        connections=(r"(?:imap|pop3|pop2) service init from (?P<address>" + _ADDRESS + r")",) + _TCPD_CONNECT,
+    ),
+)
+
+VM_POP3D = Server(
+    name="vm-pop3d",
+    description="vm-pop3d (virtual mail POP3)",
+    identifiers=("vm-pop3d",),
+    units=("vm-pop3d.service",) + _INETD_UNITS,
+    users=("root",),
+    patterns=(r"User '(?P<user>.*)' logged in from (?P<address>" + _ADDRESS + r")(?:, nmsgs=[0-9]+)?",),
+    hint=r"^User '.*' logged in",
+)
+
+TEAPOP = Server(
+    name="teapop",
+    description="Teapop",
+    identifiers=("teapop",),
+    units=("teapop.service",) + _INETD_UNITS,
+    users=("root",),
+    patterns=(
+        # `Successful login for USER@DOMAIN [LOCAL] from HOST [ADDRESS]`: the client is the last one.
+        r"Successful login for (?P<user>.*) \[[^\[\]]*\] from " + _HOST + r" \[(?P<address>" + _ADDRESS + r")\]",
+    ),
+    hint=r"^Successful login for ",
+)
+
+PERDITION = Server(
+    name="perdition",
+    description="Perdition POP3/IMAP proxy (its Auth: line once the real server accepted the login)",
+    identifiers=("perdition", "perdition.imap4", "perdition.imap4s", "perdition.imaps",
+                 "perdition.pop3", "perdition.pop3s"),
+    units=("perdition.service",),
+    # Perdition runs as its -u user (nobody unless set) when it logs; not trusted by default.
+    users=("root",),
+    patterns=(
+        # `Auth: CLIENT->SERVER user="NAME" [passwd="..." ]server="..." port="..." status="ok"`:
+        # the client address comes right after the fixed prefix, the status ends the line.
+        r"Auth: (?P<address>" + _ADDRESS + r")->" + _ADDRESS + r" user=\"(?P<user>.*)\"(?: passwd=\".*\")? "
+        r"server=\"[^\"]*\" port=\"[^\"]*\" status=\"ok\"",
+        # Perdition 1.x logged Auth: only for a login the real server accepted, without a status.
+        r"Auth: (?P<address>" + _ADDRESS + r")->" + _ADDRESS + r" user=\"(?P<user>.*)\" "
+        r"server=\"[^\"]*\" port=\"[^\"]*\"",
+    ),
+    hint=r"^Auth: .* status=\"ok\"$",
+)
+
+LOGAUTH = Server(
+    name="logauth",
+    description="poplock-logauth in a checkpassword chain (qmail-pop3d and other checkpassword servers)",
+    identifiers=("poplock-logauth",),
+    # No default evidence: any local user can run poplock-logauth, and the chain runs it as
+    # whatever user checkpassword switched to. Set Units= (the POP3 service's unit) or
+    # Users= (the uid the chain runs as, e.g. vpopmail) in [Source:logauth].
+    units=(),
+    users=(),
+    # poplock-logauth writes this line itself: the address right after the fixed prefix.
+    patterns=(r"successful (?:POP3|IMAP) login from (?P<address>" + _ADDRESS + r") \(user (?P<user>.*)\)",),
+    hint=r"^successful (?:POP3|IMAP) login from ",
+)
+
+SERVERS: dict[str, Server] = {
+    server.name: server
+    for server in (DOVECOT, COURIER, CYRUS, MAILUTILS, POPA3D, SOLID_POP3D,
+                   QPOPPER, UW_IMAP, VM_POP3D, TEAPOP, PERDITION, LOGAUTH)
+}

@@ -7,6 +7,12 @@ a server the admin defines there. The trust rule, in one place:
     server. If it carries _SYSTEMD_UNIT and the source lists Units, that unit must be
     one of them; otherwise its _UID must be one of Users.
 
+A login line whose _UID is one of LoginUsers (and not of Users) is trusted less: it may
+confirm a login but never supply its address, which must then come from a fully trusted
+line of the same connection (servers.py explains why). Units may hold glob patterns
+(`popa3d@*.service`, for per-connection units); those only decide trust, and the
+journal is searched for them by identifier.
+
 SYSLOG_IDENTIFIER, which any local user can set (`logger -t dovecot`), only selects
 candidate entries. _COMM and _EXE are not evidence: journald reads them from /proc when
 the entry arrives, and they were seen stale (a server just exec'ed by tcpd logged as
@@ -15,6 +21,7 @@ _COMM=tcpd) or missing.
 
 from __future__ import annotations
 
+import fnmatch
 import pwd
 import re
 from collections.abc import Iterable, Mapping
@@ -22,7 +29,23 @@ from dataclasses import dataclass
 
 from poplock.config import Config
 from poplock.errors import ConfigError
-from poplock.servers import SERVERS
+from poplock.servers import CORRELATE_BY_SESSION, SERVERS
+
+# How much an entry is trusted (Source.trust_level).
+UNTRUSTED = 0
+LOGIN_ONLY = 1  # its _UID is one of LoginUsers: it may confirm a login, never give an address
+TRUSTED = 2
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """A Correlation (servers.py) with its patterns compiled."""
+
+    key: str
+    connections: tuple[re.Pattern, ...]
+    ends: tuple[re.Pattern, ...]
+    max_age: float
+    max_size: int
 
 
 @dataclass(frozen=True)
@@ -33,34 +56,60 @@ class Source:
     uids: frozenset[int]
     patterns: tuple[re.Pattern, ...]
     hint: re.Pattern | None
+    login_uids: frozenset[int] = frozenset()
+    correlation: Correlation | None = None
+    # Built-in default user names that do not exist on this machine (the source is not watched).
+    unresolved_users: tuple[str, ...] = ()
 
     def admits(self, entry: Mapping[str, str]) -> bool:
         """The entry is one of this source's candidates (by identifier or unit) and is trusted."""
-        unit = entry.get("_SYSTEMD_UNIT")
-        if unit not in self.units and entry.get("SYSLOG_IDENTIFIER") not in self.identifiers:
-            return False
-        return self._trusts(unit, entry)
+        return self.trust_level(entry) == TRUSTED
 
     def trusts(self, entry: Mapping[str, str]) -> bool:
         """The trust rule alone (see the module's docstring)."""
-        return self._trusts(entry.get("_SYSTEMD_UNIT"), entry)
+        return self._trust(entry.get("_SYSTEMD_UNIT"), entry) == TRUSTED
 
-    def _trusts(self, unit: str | None, entry: Mapping[str, str]) -> bool:
+    def trust_level(self, entry: Mapping[str, str]) -> int:
+        """UNTRUSTED, LOGIN_ONLY or TRUSTED, for a candidate entry; UNTRUSTED for any other."""
+        unit = entry.get("_SYSTEMD_UNIT")
+        if not self._lists_unit(unit) and entry.get("SYSLOG_IDENTIFIER") not in self.identifiers:
+            return UNTRUSTED
+        return self._trust(unit, entry)
+
+    def _trust(self, unit: str | None, entry: Mapping[str, str]) -> int:
         if unit is not None and self.units:
-            return unit in self.units
+            return TRUSTED if self._lists_unit(unit) else UNTRUSTED
         uid = entry.get("_UID")
-        return uid is not None and uid.isdigit() and int(uid) in self.uids
+        if uid is None or not uid.isdigit():
+            return UNTRUSTED
+        if int(uid) in self.uids:
+            return TRUSTED
+        return LOGIN_ONLY if int(uid) in self.login_uids else UNTRUSTED
+
+    def _lists_unit(self, unit: str | None) -> bool:
+        if unit is None:
+            return False
+        if unit in self.units:
+            return True
+        return any(_is_glob(pattern) and fnmatch.fnmatchcase(unit, pattern) for pattern in self.units)
 
     def journal_matches(self) -> list[str]:
         """FIELD=value matches, any of which selects a candidate entry."""
-        return [f"SYSLOG_IDENTIFIER={i}" for i in self.identifiers] + [f"_SYSTEMD_UNIT={u}" for u in self.units]
+        return [f"SYSLOG_IDENTIFIER={i}" for i in self.identifiers] + [
+            f"_SYSTEMD_UNIT={u}" for u in self.units if not _is_glob(u)]
+
+
+def _is_glob(unit: str) -> bool:
+    return any(character in unit for character in "*?[")
 
 
 def build_sources(config: Config, names: Iterable[str] | None = None) -> dict[str, Source]:
     """The named sources (default: the watched ones and every [Source:NAME] section).
 
     Raises ConfigError listing every problem. Naming a source that is not watched is
-    how `poplock scan --source NAME` tries one before it is enabled.
+    how `poplock scan --source NAME` tries one before it is enabled. A built-in default
+    user that does not exist here (`cyrus` where Cyrus is not installed) is a problem only
+    for a watched source; any other just trusts nobody by that name.
     """
     problems: list[str] = []
     if names is None:
@@ -75,7 +124,7 @@ def build_sources(config: Config, names: Iterable[str] | None = None) -> dict[st
                 f"(built in: {', '.join(SERVERS)}; or define it in a [Source:{name}] section)"
             )
             continue
-        source = _build_source(name, config.source_sections.get(name, []), problems)
+        source = _build_source(name, config.source_sections.get(name, []), name in config.sources, problems)
         if source is not None:
             sources[name] = source
     if problems:
@@ -83,11 +132,13 @@ def build_sources(config: Config, names: Iterable[str] | None = None) -> dict[st
     return sources
 
 
-def _build_source(name: str, assignments, problems: list[str]) -> Source | None:
+def _build_source(name: str, assignments, watched: bool, problems: list[str]) -> Source | None:
     server = SERVERS.get(name)
     identifiers = server.identifiers if server else ()
     units = server.units if server else ()
     users = server.users if server else ()
+    login_users = server.login_users if server else ()
+    users_from_section = login_users_from_section = False
     patterns = [(server_pattern, f"built-in {name}") for server_pattern in server.patterns] if server else []
     hint = (server.hint, f"built-in {name}") if server else None
     first_problem = len(problems)
@@ -98,20 +149,26 @@ def _build_source(name: str, assignments, problems: list[str]) -> Source | None:
         elif item.key == "Units":
             units = words
         elif item.key == "Users":
-            users = words
+            users, users_from_section = words, True
+        elif item.key == "LoginUsers":
+            login_users, login_users_from_section = words, True
         elif item.key == "Pattern":
             patterns = patterns + [(item.value, item.place)] if item.value else []
         elif item.key == "Hint":
             hint = (item.value, item.place) if item.value else None
     place = assignments[-1].place if assignments else f"built-in source {name}"
-    uids = set()
-    for user in users:
-        uid = _resolve_user(user)
-        if uid is None:
-            problems.append(f"{_place_of(assignments, 'Users', place)}: [Source:{name}] Users: no such user {user!r}")
-        else:
-            uids.add(uid)
-    if not units and not users:
+    unresolved: list[str] = []
+    uids = _resolve_users(name, "Users", users, users_from_section or watched, assignments, place, problems,
+                          unresolved)
+    login_uids = _resolve_users(name, "LoginUsers", login_users, login_users_from_section or watched, assignments,
+                                place, problems, unresolved)
+    correlation = server.correlation if server else None
+    if login_users and correlation is None:
+        problems.append(f"{_place_of(assignments, 'LoginUsers', place)}: [Source:{name}] LoginUsers: this source "
+                        f"has no connection lines to take the address from; use Users= or Units=")
+    # A built-in that is neither watched nor configured may trust nobody (logauth has no
+    # default): it grants nothing, and `poplock scan --all-sources` can still try its patterns.
+    if not units and not users and (watched or assignments):
         problems.append(f"{place}: [Source:{name}]: trusts nothing: set Units= (systemd) or Users= (the server's uid)")
     if not identifiers and not units:
         problems.append(f"{place}: [Source:{name}]: selects nothing: set Identifiers= or Units=")
@@ -120,13 +177,50 @@ def _build_source(name: str, assignments, problems: list[str]) -> Source | None:
     compiled = []
     for text, where in patterns:
         pattern = _compile(text, where, name, "Pattern", problems)
-        if pattern is not None and "address" not in pattern.groupindex:
+        built_in = where == f"built-in {name}"
+        if pattern is not None and not (_reads_a_login(pattern, correlation) if built_in
+                                        else "address" in pattern.groupindex):
             problems.append(f"{where}: [Source:{name}] Pattern: needs a named group (?P<address>...)")
         compiled.append(pattern)
     compiled_hint = _compile(hint[0], hint[1], name, "Hint", problems) if hint else None
+    compiled_correlation = _compile_correlation(name, correlation, problems) if correlation else None
     if len(problems) > first_problem:
         return None
-    return Source(name, identifiers, units, frozenset(uids), tuple(compiled), compiled_hint)
+    return Source(name, identifiers, units, frozenset(uids), tuple(compiled), compiled_hint,
+                  frozenset(login_uids), compiled_correlation, tuple(unresolved))
+
+
+def _reads_a_login(pattern: re.Pattern, correlation) -> bool:
+    """A login pattern gives the address, or (built in, correlated) the key to find it."""
+    if "address" in pattern.groupindex:
+        return True
+    if correlation is None:
+        return False
+    return correlation.key != CORRELATE_BY_SESSION or "session" in pattern.groupindex
+
+
+def _compile_correlation(name: str, correlation, problems: list[str]) -> Correlation | None:
+    where = f"built-in {name}"
+    connections = tuple(_compile(text, where, name, "connection pattern", problems)
+                        for text in correlation.connections)
+    ends = tuple(_compile(text, where, name, "end pattern", problems) for text in correlation.ends)
+    if any(pattern is None for pattern in connections + ends):
+        return None
+    return Correlation(correlation.key, connections, ends, correlation.max_age, correlation.max_size)
+
+
+def _resolve_users(name: str, key: str, users: tuple[str, ...], required: bool, assignments, place: str,
+                   problems: list[str], unresolved: list[str]) -> set[int]:
+    uids = set()
+    for user in users:
+        uid = _resolve_user(user)
+        if uid is not None:
+            uids.add(uid)
+        elif required:
+            problems.append(f"{_place_of(assignments, key, place)}: [Source:{name}] {key}: no such user {user!r}")
+        else:
+            unresolved.append(user)
+    return uids
 
 
 def _compile(text: str, where: str, name: str, key: str, problems: list[str]) -> re.Pattern | None:

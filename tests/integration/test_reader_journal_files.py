@@ -192,3 +192,55 @@ def _cursor_of_first_entry(journal: Path) -> str:
         return reader.get_next()["__CURSOR"]
     finally:
         reader.close()
+
+
+def drifted_line(address: str) -> str:
+    # A Dovecot upgrade that added an element the pattern does not know.
+    return (f"imap-login: Login: user=<alice>, method=PLAIN, rip={address}, lip=192.0.2.1, mpid=4242, TLS, "
+            f"client_id=<thunderbird>, session=<b7aS8S1hfbZ/AAAF>")
+
+
+def test_a_watched_server_logging_logins_no_pattern_reads_is_warned_about(setup, journal):
+    setup.write(extra="UnmatchedWarningAfter=1min\n")
+    now = time.time()
+    write_journal_file(journal, [
+        dovecot(login_line("192.0.2.100"), now - 600),
+        dovecot(drifted_line("192.0.2.101"), now - 100),
+        dovecot(drifted_line("192.0.2.102"), now - 90),
+        dovecot(drifted_line("192.0.2.103"), now - 80),
+        # A forgery that looks like a login is not the server's: no warning for it.
+        dovecot(drifted_line("203.0.113.9"), now - 50, _UID=1000),
+    ])
+    result = setup.run_reader("--file", str(journal))
+    warnings = [line for line in result.stderr.splitlines() if "no pattern reads" in line]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("poplock-reader: warning: dovecot logged 3 lines since ")
+    assert "the last login read was at" in warnings[0] and drifted_line("192.0.2.103") in warnings[0]
+    assert list(grants(setup)) == ["192.0.2.100"]
+
+
+def test_scan_unmatched_lists_the_login_looking_lines_no_pattern_reads(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [
+        dovecot(login_line("192.0.2.110"), now - 30),
+        dovecot(drifted_line("192.0.2.111"), now - 20),
+        dovecot("pop3-login: Disconnected: Connection closed (auth failed, 1 attempts in 2 secs): user=<a>, "
+                "method=PLAIN, rip=192.0.2.112, lip=192.0.2.1, session=<AAAA>", now - 10),
+    ])
+    result = setup.run("scan", "--file", str(journal), "--unmatched", "--json", check=True)
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["source"], r["message"]) for r in records] == [("dovecot", drifted_line("192.0.2.111"))]
+
+
+def test_scan_all_sources_tries_every_built_in_server(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [
+        dovecot(login_line("192.0.2.120"), now - 30),
+        {"__REALTIME_TIMESTAMP": int((now - 20) * 1e6), "MESSAGE": "LOGIN, user=bob, ip=[::ffff:192.0.2.121], "
+         "port=[4242]", "SYSLOG_IDENTIFIER": "pop3d", "_UID": 0, "_COMM": "courierlogger"},
+    ])
+    watched = setup.run("scan", "--file", str(journal), "--json", check=True)
+    assert [json.loads(line)["address"] for line in watched.stdout.splitlines()] == ["192.0.2.120"]
+    everything = setup.run("scan", "--file", str(journal), "--json", "--all-sources", check=True)
+    found = [(json.loads(line)["address"], json.loads(line)["source"]) for line in everything.stdout.splitlines()]
+    assert found == [("192.0.2.120", "dovecot"), ("192.0.2.121", "courier")]

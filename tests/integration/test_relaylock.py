@@ -170,3 +170,48 @@ def test_relaylock_imports_nothing_heavy(granted):
     )
     result = subprocess.run(["/usr/bin/python3", "-IS", "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def run_with_journal_stream(setup, environment: dict) -> None:
+    """Run relaylock with stderr on a journal stream and JOURNAL_STREAM set, as systemd starts services."""
+    from systemd import journal
+
+    stream = journal.stream("relaylock-test")
+    status = os.fstat(stream.fileno())
+    environment = {**environment, "PATH": os.environ["PATH"], "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
+    subprocess.run(relaylock(setup) + ["/bin/true"], env=environment, stdin=subprocess.DEVNULL, stderr=stream,
+                   check=True, timeout=30)
+    stream.close()
+
+
+def test_under_systemd_each_decision_is_a_journal_event_with_its_message_id_and_client(setup, journald):
+    import random
+
+    from support.journald import wait_for_entries
+
+    from poplock import events
+
+    client = f"198.18.{random.randrange(256)}.{random.randrange(1, 255)}"  # unique in the shared journal
+    setup.run("add", client, check=True)
+    run_with_journal_stream(setup, {"REMOTE_ADDR": client})
+    [entry] = wait_for_entries({"MESSAGE_ID": events.RELAY_ALLOWED.message_id, "POPLOCK_CLIENT_ADDRESS": client}, 1)
+    assert entry["SYSLOG_IDENTIFIER"] == "relaylock" and entry["MESSAGE"].startswith(f"relay allowed for {client}")
+    setup.run("remove", client, check=True)
+    run_with_journal_stream(setup, {"REMOTE_ADDR": client})
+    wait_for_entries({"MESSAGE_ID": events.RELAY_REFUSED.message_id, "POPLOCK_CLIENT_ADDRESS": client}, 1)
+
+
+def test_a_busy_store_is_a_store_busy_event(setup, journald):
+    from support.journald import wait_for_entries
+
+    from poplock import events
+
+    setup.run("add", GRANTED, check=True)
+    before = len(wait_for_entries({"MESSAGE_ID": events.STORE_BUSY.message_id}, 0))
+    holder = _gdbm.open(str(setup.store), "w")
+    try:
+        run_with_journal_stream(setup, {"REMOTE_ADDR": GRANTED})
+    finally:
+        holder.close()
+    entries = wait_for_entries({"MESSAGE_ID": events.STORE_BUSY.message_id}, before + 1)
+    assert "stayed locked by another program" in entries[-1]["MESSAGE"]
