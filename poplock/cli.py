@@ -25,8 +25,9 @@ import time
 from poplock import events
 from poplock.access import check_relay_in_files
 from poplock.addresses import load_allow_list, normalize_address
+from poplock.arguments import ArgumentParser, join_dash_values
 from poplock.config import SETTINGS, Config, load_config
-from poplock.errors import AddressError, ConfigError, PoplockError, StoreBusyError, StoreError
+from poplock.errors import AddressError, ConfigError, JournalError, PoplockError, StoreBusyError, StoreError
 from poplock.grants import Grant, merge_grant, split_expired
 from poplock.logs import iso_time, log_event, setup_logging
 from poplock.store import read_snapshot
@@ -36,14 +37,6 @@ from poplock.values import format_timespan, parse_timespan
 log = logging.getLogger("poplock.cli")
 
 EX_NOT_ALLOWED = 1  # `poplock check`: the client may not relay
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with os.EX_USAGE (64) for usage errors instead of its own 2."""
-
-    def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(os.EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _address(text: str) -> str:
@@ -199,8 +192,8 @@ def command_scan(config: Config, arguments) -> int:
     matches = None if arguments.all_sources else [m for source in sources for m in source.journal_matches()]
     try:
         follower = JournalFollower(matches, directory=arguments.directory, files=arguments.file)
-    except OSError as error:
-        raise PoplockError(f"cannot open the journal: {error}") from None
+    except (OSError, ValueError) as error:
+        raise JournalError(f"cannot open the journal: {error}") from None
     if arguments.since is not None:
         follower.seek(None, arguments.since)
     try:
@@ -267,12 +260,12 @@ def _print_json(record: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     # -c works before or after the command; SUPPRESS keeps a subcommand from resetting it.
-    common = _Parser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", default=argparse.SUPPRESS,
                         help="configuration file (default /etc/poplock/poplock.conf)")
-    parser = _Parser(prog="poplock", parents=[common],
+    parser = ArgumentParser(prog="poplock", parents=[common],
                                      description="POP-before-SMTP relay grants: show, change, check, scan.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
 
     show = commands.add_parser("show", parents=[common], help="list current grants and static entries")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -323,11 +316,13 @@ def _exit_status(error: PoplockError) -> int:
         return os.EX_TEMPFAIL
     if isinstance(error, StoreError):
         return os.EX_IOERR
+    if isinstance(error, JournalError):
+        return os.EX_NOINPUT
     return os.EX_SOFTWARE
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = build_parser().parse_args(argv)
+    arguments = build_parser().parse_args(join_dash_values(sys.argv[1:] if argv is None else argv, ("--since",)))
     setup_logging("poplock", logging.INFO, stderr_level=logging.WARNING, also_journal=True)
     try:
         config = load_config(getattr(arguments, "config", None))

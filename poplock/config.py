@@ -13,7 +13,7 @@ left to poplock.sources and done only for the programs that read the journal.
 
 from poplock.errors import ConfigError
 from poplock.inifile import Assignment, read_config_files
-from poplock.values import parse_absolute_path, parse_list, parse_timespan
+from poplock.values import parse_absolute_path, parse_boolean, parse_list, parse_timespan
 
 DEFAULT_PATH = "/etc/poplock/poplock.conf"
 
@@ -102,6 +102,8 @@ SETTINGS = (
             "The value relaylock gives RELAYCLIENT for an allowed client (qpsmtpd needs a non-empty one)."),
     Setting("Policy", "Action", "policy_action", _policy_action, "OK",
             "What poplock-policy answers Postfix for a client that may relay; others get DUNNO."),
+    Setting("Policy", "LogRefused", "policy_log_refused", parse_boolean, "no",
+            "Log every DUNNO answer too (Postfix asks for local recipients as well, so this is verbose)."),
     Setting("Policy", "RequestTimeout", "policy_request_timeout", _positive_timespan, "10s",
             "A connection that starts a request and does not finish it within this is closed."),
     Setting("Policy", "IdleTimeout", "policy_idle_timeout", _positive_timespan, "10min",

@@ -35,5 +35,9 @@ class StoreBusyError(StoreError):
     """The store stayed locked by another program for longer than the reader's bound."""
 
 
+class JournalError(PoplockError):
+    """The journal (or the journal files named) cannot be opened."""
+
+
 class ProtocolError(PoplockError):
     """A peer broke the Postfix policy protocol."""

@@ -1,8 +1,10 @@
-"""A native journal entry from relaylock, without the journal module (see sd_journal_sendv(3)).
+"""Reporting from the per-connection programs (relaylock, poplock-logauth) without the journal module.
 
-relaylock runs once per SMTP connection and cannot afford to import systemd.journal,
-yet its events should carry their MESSAGE_ID and POPLOCK_* fields like everyone else's.
-The native protocol is one datagram of FIELD=value lines to journald's socket.
+They run once per connection and cannot afford to import systemd.journal, yet their
+events should carry MESSAGE_ID and POPLOCK_* fields like everyone else's: the native
+protocol is one datagram of FIELD=value lines to journald's socket (sd_journal_sendv(3)).
+Under inetd, standard error is the client's connection like standard input and output:
+then nothing may be written to it.
 """
 
 import _socket
@@ -30,10 +32,31 @@ def encode_field(name: str, value: str) -> bytes:
     return name.encode() + b"=" + data + b"\n"
 
 
-def send_if_journal(message: str, priority: int, identifier: str, event=None, address: str | None = None) -> bool:
-    """Send the entry when stderr is a journal stream; False (nothing sent) otherwise."""
-    if not stderr_is_journal():
+def stderr_is_connection() -> bool:
+    """Standard error is the same socket as standard input (inetd hands the client all three)."""
+    try:
+        error, connection = posix.fstat(2), posix.fstat(0)
+    except OSError:
         return False
+    is_socket = error.st_mode & 0o170000 == 0o140000
+    return is_socket and (error.st_dev, error.st_ino) == (connection.st_dev, connection.st_ino)
+
+
+def report(identifier: str, message: str, priority: int = 6, event=None, address: str | None = None) -> None:
+    """One line: to the journal when stderr is a journal stream or the client's connection, else stderr."""
+    if stderr_is_journal():
+        if send_entry(identifier, message, priority, event, address):
+            return
+    elif stderr_is_connection():
+        send_entry(identifier, message, priority, event, address)  # the journal, or nowhere
+        return
+    try:
+        posix.write(2, f"{identifier}: {message}\n".encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def send_entry(identifier: str, message: str, priority: int, event=None, address: str | None = None) -> bool:
     fields = [("MESSAGE", message), ("PRIORITY", str(priority)), ("SYSLOG_IDENTIFIER", identifier)]
     if event is not None:
         fields += [("MESSAGE_ID", event.message_id), ("POPLOCK_EVENT", event.name)]

@@ -65,9 +65,12 @@ def record_login(protocol: str, environment: dict) -> str | None:
 
 
 def report(message: str) -> None:
+    """One line to the journal or standard error, never to the client (see journalsend.report)."""
     try:
-        posix.write(2, f"poplock-logauth: {message}\n".encode("utf-8", "replace"))
-    except OSError:
+        from poplock.journalsend import report as send_report
+
+        send_report("poplock-logauth", message, priority=4)
+    except Exception:  # noqa: BLE001 - the mail session must go on
         pass
 
 

@@ -16,18 +16,19 @@ most one unfinished request in memory, and their number is capped.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 
 from poplock import events
 from poplock.access import check_relay
 from poplock.addresses import Network, load_allow_list, normalize_address
+from poplock.arguments import ArgumentParser
 from poplock.config import Config, load_config
 from poplock.errors import AddressError, ConfigError, PoplockError, ProtocolError, StoreBusyError, StoreError
 from poplock.grants import GrantDecodeError, decode_grant
@@ -112,7 +113,12 @@ class PolicyService:
         try:
             decision = check_relay(address, self.clock(), self.snapshots.networks(), self.snapshots.grant)
         except (PoplockError, OSError) as error:
-            event = events.STORE_BUSY if isinstance(error, StoreBusyError) else events.STORE_FAILED
+            if isinstance(error, ConfigError):
+                event = events.CONFIG_INVALID  # the static allow list went bad while running
+            elif isinstance(error, StoreBusyError):
+                event = events.STORE_BUSY
+            else:
+                event = events.STORE_FAILED
             log_event(log, logging.ERROR, event, "cannot decide for %s, answering DUNNO: %s", address, error,
                       address=address)
             self.snapshots.close()
@@ -125,7 +131,8 @@ class PolicyService:
                       attributes.get("recipient", "?"), address=address,
                       expires=decision.grant.expires_at if decision.grant and not decision.network else None)
             return self.config.policy_action
-        log_event(log, logging.DEBUG, events.RELAY_REFUSED, "no relay for %s: %s", address,
+        log_event(log, logging.INFO if self.config.policy_log_refused else logging.DEBUG, events.RELAY_REFUSED,
+                  "no relay for %s: %s", address,
                   "its grant expired" if decision.grant else "no grant", address=address)
         return DUNNO
 
@@ -173,8 +180,8 @@ def listening_sockets(listen: list[str]) -> list[socket.socket]:
     sockets = []
     for where in listen:
         if where.startswith("/"):
-            if os.path.exists(where):
-                os.unlink(where)
+            if os.path.exists(where) and stat.S_ISSOCK(os.lstat(where).st_mode):
+                os.unlink(where)  # a socket left by an earlier run; any other file is an error below
             unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             unix.bind(where)
             os.chmod(where, 0o666)
@@ -218,14 +225,8 @@ async def run(service: PolicyService, sockets: list[socket.socket]) -> None:
     log.info("stopping after %d decisions (%d allowed)", service.decisions, service.allowed)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(os.EX_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="poplock-policy", description="Postfix policy service: may this client relay?")
+    parser = ArgumentParser(prog="poplock-policy", description="Postfix policy service: may this client relay?")
     parser.add_argument("-c", "--config", help="configuration file (default /etc/poplock/poplock.conf)")
     parser.add_argument("--listen", action="append", default=[], metavar="HOST:PORT|PATH",
                         help="listen here instead of on sockets passed by systemd (repeatable)")

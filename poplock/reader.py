@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from poplock import events
+from poplock.arguments import ArgumentParser
 from poplock.config import Config, load_config
 from poplock.cursor import CursorFileError, load_cursor, save_cursor
 from poplock.errors import ConfigError, StoreError
@@ -288,7 +289,7 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="poplock-reader",
         description="Grant relaying to clients that logged in to the POP3/IMAP server, from the journal.",
     )
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     matches = [match for source in sources for match in source.journal_matches()]
     try:
         follower = JournalFollower(matches, directory=arguments.directory, files=arguments.file)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         print(f"poplock-reader: error: cannot open the journal: {error}", file=sys.stderr)
         return os.EX_NOINPUT
     reader = Reader(config, sources, follower, StoreWriter(config.store_path))

@@ -60,51 +60,54 @@ def parse_arguments(argv: list[str]) -> tuple[str | None, str | None, list[str]]
     return config, relay_client, program
 
 
-def decide(config_path: str | None, relay_client: str | None, environment: dict):
-    """(RELAYCLIENT value or None, the event, log message, address). Raises on any failure."""
-    import time
-
-    from poplock import events
-    from poplock.access import check_relay_in_files
+def find_address(environment: dict) -> str:
+    """The client's canonical address. Raises when there is none to be had."""
     from poplock.addresses import normalize_address
-    from poplock.config import load_config
     from poplock.peer import client_address
 
     raw = client_address(environment)
     if raw is None:
         raise LookupError("cannot tell the client's address (standard input is not a socket, "
                           "and neither REMOTE_ADDR nor TCPREMOTEIP is set)")
-    address = normalize_address(raw)
+    return normalize_address(raw)
+
+
+def decide(config_path: str | None, relay_client: str | None, address: str):
+    """(RELAYCLIENT value or None, the event, log message). Raises on any failure."""
+    import time
+
+    from poplock import events
+    from poplock.access import check_relay_in_files
+    from poplock.config import load_config
+
     config = load_config(config_path, sections=("Grants", "Store", "Relaylock"))
     decision = check_relay_in_files(config, address, time.time())
     value = relay_client if relay_client is not None else config.relay_client
     if decision.network is not None:
         reason = f"static network {decision.network.text}"
-        return value, events.RELAY_ALLOWED, f"relay allowed for {address}: {reason}", address
+        return value, events.RELAY_ALLOWED, f"relay allowed for {address}: {reason}"
     if decision.allowed:
         grant = decision.grant
-        return value, events.RELAY_ALLOWED, f"relay allowed for {address}: {grant.source} grant", address
+        return value, events.RELAY_ALLOWED, f"relay allowed for {address}: {grant.source} grant"
     reason = "its grant expired" if decision.grant is not None else "no grant"
-    return None, events.RELAY_REFUSED, f"no relay for {address}: {reason}", address
+    return None, events.RELAY_REFUSED, f"no relay for {address}: {reason}"
 
 
 def report(message: str, event=None, address: str | None = None, priority: int = 6) -> None:
-    """One line: natively to the journal when stderr is a journal stream, else to stderr."""
+    """One line to the journal or standard error (never to the client; see journalsend.report)."""
     try:
-        from poplock.journalsend import send_if_journal
+        from poplock.journalsend import report as send_report
 
-        if send_if_journal(message, priority, "relaylock", event, address):
-            return
+        send_report("relaylock", message, priority, event, address)
     except Exception:  # noqa: BLE001 - reporting must never stop the server from running
-        pass
-    try:
-        posix.write(2, f"relaylock: {message}\n".encode("utf-8", "replace"))
-    except OSError:
         pass
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        report(USAGE)
+        return 0
     try:
         config_path, relay_client, program = parse_arguments(argv)
     except ValueError as error:
@@ -112,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         return EX_USAGE
     environment = dict(posix.environ)
     environment.pop(RELAYCLIENT, None)  # whatever happens next, nothing inherited opens the relay
+    address = None
     try:
-        value, event, message, address = decide(config_path, relay_client, environment)
+        address = find_address(environment)
+        value, event, message = decide(config_path, relay_client, address)
         if value is not None:
             environment[RELAYCLIENT] = value.encode()
         report(message, event, address)
     except BaseException as error:  # noqa: BLE001 - every failure here must still run the server
-        report(f"cannot decide, not relaying: {_describe(error)}", _failure_event(error), priority=3)
+        report(f"cannot decide, not relaying: {_describe(error)}", _failure_event(error), address, priority=3)
     from poplock.chain import execute
 
     error = execute(program, environment)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from poplock.errors import StoreCorruptError, StoreError
+from poplock.errors import StoreBusyError, StoreCorruptError, StoreError
 from poplock.grants import Grant, encode_grant
 from poplock.store import METADATA_PREFIX, Snapshot, read_snapshot
 
@@ -70,7 +70,7 @@ class StoreWriter:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     os.close(fd)
-                    raise StoreError(
+                    raise StoreBusyError(
                         f"another writer held {self.path}.lock for more than {self.lock_timeout:.0f}s"
                     ) from None
                 time.sleep(0.002)

@@ -3,6 +3,8 @@
 import json
 import time
 
+import pytest
+
 from poplock.grants import Grant
 from poplock.storewriter import StoreWriter
 
@@ -120,3 +122,22 @@ def test_administrative_changes_reach_the_journal_with_their_message_ids(setup, 
     removed = wait_for_entries({"MESSAGE_ID": "ecbec00bdae1438badd8459f38822a82", "POPLOCK_CLIENT_ADDRESS": address}, 1)
     assert added[-1]["SYSLOG_IDENTIFIER"] == "poplock" and added[-1]["POPLOCK_EXPIRES"]
     assert removed[-1]["MESSAGE"] == f"removed the grant for {address}"
+
+
+def test_a_writer_that_cannot_get_the_lock_is_a_busy_store(setup):
+    import fcntl
+
+    from poplock.errors import StoreBusyError
+
+    setup.run("add", "192.0.2.60", check=True)
+    with open(f"{setup.store}.lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another writer in the middle of a transaction
+        with pytest.raises(StoreBusyError, match="another writer held"):
+            with StoreWriter(str(setup.store), lock_timeout=0.1).transaction():
+                pass
+
+
+def test_scan_takes_a_relative_since_written_the_natural_way(setup, tmp_path):
+    result = setup.run("scan", "--file", str(tmp_path / "none.journal"), "--since", "-1h")
+    assert result.returncode == 66
+    assert "cannot open the journal" in result.stderr

@@ -195,3 +195,19 @@ def test_a_bad_configuration_stops_start_up_with_exit_78(setup):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 78
     assert f"{setup.static}:1:" in result.stderr
+
+
+def test_refusals_are_logged_only_when_asked_for(setup):
+    setup.write(extra="\n[Policy]\nLogRefused=yes\n")
+    with PolicyProcess(setup) as policy:
+        assert connect(policy).ask("192.0.2.8") == "action=DUNNO"
+    assert "no relay for 192.0.2.8: no grant" in policy.output()
+
+
+def test_a_static_list_that_breaks_while_running_is_a_configuration_event_and_refuses(service, setup):
+    client = connect(service)
+    setup.static.write_text("192.0.2.0/24\n")
+    assert client.ask("192.0.2.99") == "action=OK"
+    setup.static.write_text("192.0.2.0/24/8\n")
+    assert client.ask("192.0.2.99") == "action=DUNNO"
+    assert "invalid configuration" in service.output()

@@ -165,7 +165,7 @@ def test_relaylock_imports_nothing_heavy(granted):
     probe = (
         f"import sys; sys.path.insert(0, {repository!r})\n"
         "from poplock import relaylock\n"
-        f"relaylock.decide({str(granted.config)!r}, None, {{b'REMOTE_ADDR': b'127.0.0.5'}})\n"
+        f"relaylock.decide({str(granted.config)!r}, None, relaylock.find_address({{b'REMOTE_ADDR': b'127.0.0.5'}}))\n"
         f"print(sorted(set({heavy!r}) & set(sys.modules)))\n"
     )
     result = subprocess.run(["/usr/bin/python3", "-IS", "-c", probe], capture_output=True, text=True, check=True)
@@ -215,3 +215,34 @@ def test_a_busy_store_is_a_store_busy_event(setup, journald):
         holder.close()
     entries = wait_for_entries({"MESSAGE_ID": events.STORE_BUSY.message_id}, before + 1)
     assert "stayed locked by another program" in entries[-1]["MESSAGE"]
+
+
+def test_under_inetd_only_the_smtp_server_speaks_to_the_client(setup, journald, tmp_path):
+    # inetd gives the connection as standard input, output and error: relaylock's own line
+    # must go to the journal, not to the client before the server's greeting.
+    import random
+
+    from support.journald import wait_for_entries
+    from support.ports import free_port, wait_for_port
+
+    from poplock import events
+
+    client = f"127.0.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
+    port = free_port()
+    configuration = tmp_path / "inetd.conf"
+    configuration.write_text(f"127.0.0.1:{port} stream tcp nowait root {command('relaylock')} relaylock "
+                             f"-c {setup.config} -- /usr/sbin/smtpfront-echo\n")
+    inetd = subprocess.Popen(["/usr/sbin/inetd", "-d", str(configuration)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port)
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port), source_address=(client, 0), timeout=10) as connection:
+            greeting = connection.recv(512)
+    finally:
+        inetd.terminate()
+        inetd.wait(10)
+    assert greeting.startswith(b"220 ")
+    [entry] = wait_for_entries({"MESSAGE_ID": events.RELAY_REFUSED.message_id, "POPLOCK_CLIENT_ADDRESS": client}, 1)
+    assert entry["SYSLOG_IDENTIFIER"] == "relaylock"

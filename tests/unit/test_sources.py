@@ -86,8 +86,17 @@ def test_a_source_that_trusts_or_selects_nothing_is_refused(tmp_path):
         build_sources(load_config(str(path)))
     assert caught.value.problems == [
         f"{path}:4: [Source:bare]: trusts nothing: set Units= (systemd) or Users= (the server's uid)",
-        f"{path}:4: [Source:bare]: selects nothing: set Identifiers= or Units=",
+        f"{path}:4: [Source:bare]: selects nothing: set Identifiers= or Units= "
+        "(a Units= pattern with * only decides trust)",
     ]
+
+
+def test_a_source_with_only_a_unit_pattern_selects_nothing(tmp_path):
+    # A glob decides trust; the journal is searched by identifiers and exact unit names.
+    path = tmp_path / "poplock.conf"
+    path.write_text("[Reader]\nSources=mypop\n[Source:mypop]\nUnits=mypop@*.service\nPattern=(?P<address>.*)\n")
+    with pytest.raises(ConfigError, match="selects nothing"):
+        build_sources(load_config(str(path)))
 
 
 def test_watching_an_unknown_source_names_the_line_that_asks_for_it(tmp_path):

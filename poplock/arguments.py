@@ -1,0 +1,26 @@
+"""Command-line parsing shared by poplock's programs: usage errors exit with os.EX_USAGE (64)."""
+
+import argparse
+import os
+import sys
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(os.EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def join_dash_values(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """`--since -1h` as `--since=-1h`: argparse would take a value that starts with '-' for an option."""
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word in options and index + 1 < len(argv) and argv[index + 1].startswith("-") and argv[index + 1] != "-":
+            joined.append(f"{word}={argv[index + 1]}")
+            index += 2
+            continue
+        joined.append(word)
+        index += 1
+    return joined
