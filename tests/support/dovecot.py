@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 from .ports import free_port, wait_for_port
+from .processes import Service
 from .tls import self_signed_certificate
 
 
-class Dovecot:
+class Dovecot(Service):
     """Dovecot with POP3 and IMAP (plain and implicit TLS) on 127.0.0.1 and ::1.
 
     Users are `name: password` pairs from a passwd-file. Use it as a context manager.
@@ -130,11 +131,6 @@ service imap-login {{
             time.sleep(0.02)
         os.kill(pid, signal.SIGKILL)
 
-    def __enter__(self) -> "Dovecot":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _uid(user: str) -> int:

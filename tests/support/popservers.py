@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .dovecot import Dovecot
 from .ports import free_port, wait_for_port
+from .processes import Service
 from .tls import self_signed_certificate
 
 INSTALL_ROOT = Path("/opt/poplock-test-servers")
@@ -150,7 +151,7 @@ def _mount_namespace(pid: int) -> str:
     return os.readlink(f"/proc/{pid}/ns/mnt")
 
 
-class _NamespacedServer:
+class _NamespacedServer(Service):
     """Runs one shell script in a private mount namespace and stops every process in it.
 
     All of a server's processes inherit the namespace, including daemons that start a
@@ -235,16 +236,6 @@ class _NamespacedServer:
         self._process.wait()
         self._process = None
         self._namespace = None
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def start(self):
         raise NotImplementedError

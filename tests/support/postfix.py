@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .ports import free_port, wait_for_port
+from .processes import Service, group_running, signal_group
 
 POSTFIX = "/usr/sbin/postfix"
 
@@ -47,7 +48,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-class PostfixInstance:
+class PostfixInstance(Service):
     """Postfix on 127.0.0.1:`port` with relay restrictions
     `permit_mynetworks, RESTRICTION, reject_unauth_destination`.
 
@@ -176,13 +177,13 @@ biff = no
             # Its children notice within a second or so. The master called setsid(), so its
             # process group is exactly them: SIGTERM, and SIGKILL for a child caught between
             # fork and exec, which blocks SIGTERM and sleeps for a second.
-            _signal_group(pid, signal.SIGTERM)
+            signal_group(pid, signal.SIGTERM)
             grace, deadline = time.monotonic() + 0.2, time.monotonic() + 10
-            while _group_running(pid):
+            while group_running(pid):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"processes of Postfix master {pid} do not exit")
                 if time.monotonic() > grace:
-                    _signal_group(pid, signal.SIGKILL)
+                    signal_group(pid, signal.SIGKILL)
                 time.sleep(0.01)
             _wait_until_port_closed(self.port)
         self._master_pid = None
@@ -203,16 +204,6 @@ biff = no
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no line with {text!r} in {self.maillog}")
             time.sleep(0.02)
-
-    def __enter__(self) -> "PostfixInstance":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _backdate(*paths: Path, seconds: float = 10.0) -> None:
@@ -241,28 +232,6 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def _group_running(group: int) -> bool:
-    """True while a process of `group` runs (zombies waiting for PID 1 do not count)."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        state, _parent, process_group = stat.rsplit(")", 1)[1].split()[:3]
-        if int(process_group) == group and state not in ("Z", "X"):
-            return True
-    return False
-
-
-def _signal_group(group: int, signal_number: int) -> None:
-    try:
-        os.killpg(group, signal_number)
-    except ProcessLookupError:
-        pass
 
 
 def _wait_until_exited(pid: int, timeout: float) -> bool:

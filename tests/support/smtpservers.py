@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Self
 
 from .ports import free_port, wait_for_port
+from .processes import Service, group_running, signal_group
 
 LOCAL_DOMAIN = "poplock.test"
 FOREIGN_RECIPIENT = "someone@elsewhere.example"
@@ -117,7 +118,7 @@ def qpsmtpd(directory: Path, *, local_domain: str = LOCAL_DOMAIN) -> SmtpCommand
     return SmtpCommand(argv=(str(launcher),), directory=directory)
 
 
-class _Launcher:
+class _Launcher(Service):
     """A per-connection launcher on 127.0.0.1:`port`, in its own process group.
 
     The launcher's own environment is PATH plus `environment`; its output and the servers'
@@ -168,31 +169,21 @@ class _Launcher:
         if self.process is None:
             return
         group = self.process.pid
-        _signal_group(group, signal.SIGTERM)
+        signal_group(group, signal.SIGTERM)
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            _signal_group(group, signal.SIGKILL)
+            signal_group(group, signal.SIGKILL)
             self.process.wait()
         # Servers forked for connections that are still open get the same signal; wait
         # until the last of them has gone.
         deadline = time.monotonic() + 5
-        while _group_exists(group):
+        while group_running(group):
             if time.monotonic() > deadline:
-                _signal_group(group, signal.SIGKILL)
+                signal_group(group, signal.SIGKILL)
                 break
             time.sleep(0.01)
         self.process = None
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 class TcpServer(_Launcher):
@@ -238,29 +229,6 @@ class SocketActivate(_Launcher):
 def _base_environment() -> dict[str, str]:
     # Not the test runner's whole environment: a stray RELAYCLIENT there would change results.
     return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
-
-
-def _signal_group(group: int, signal_number: int) -> None:
-    try:
-        os.killpg(group, signal_number)
-    except ProcessLookupError:
-        pass
-
-
-def _group_exists(group: int) -> bool:
-    """True while a process of `group` runs. Zombies do not count: once their launcher has
-    gone they wait for PID 1 to reap them, which some init processes do only every few seconds."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        state, _parent, process_group = stat.rsplit(")", 1)[1].split()[:3]
-        if int(process_group) == group and state not in ("Z", "X"):
-            return True
-    return False
 
 
 def _connect(host: str, port: int, source: str) -> smtplib.SMTP:
