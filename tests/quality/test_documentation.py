@@ -1,9 +1,11 @@
 """The documentation is complete, well-formed and true to the code.
 
 Every man page passes `mandoc -T lint -W warning` and renders with man(1) without a warning;
-poplock.conf(5) and etc/poplock.conf name every setting; the journal catalog has exactly one
-entry per event and systemd's own parser reads it; poplock(8)'s QUICK START gives README.md's
-commands; every option, command and MESSAGE_ID appears where an admin will look for it.
+poplock.conf(5) and etc/poplock.conf name every setting, and poplock.conf(5) every boolean word the
+code accepts; the journal catalog has exactly one entry per event and systemd's own parser reads
+it; poplock(8)'s QUICK START gives README.md's commands; every option, command and MESSAGE_ID
+appears where an admin will look for it; every program's usage error exits with the status its
+page gives; poplock(8) leads to every page, and the pages link to each other's programs with Xr.
 
 Needs the Debian packages mandoc, man-db (which brings groff-base) and systemd (journalctl).
 """
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from poplock import relaylock
+import poplock.values
+from poplock import logauth, relaylock
 from poplock.cli import build_parser
 from poplock.config import SETTINGS, SOURCE_KEYS
 from poplock.events import EVENTS
@@ -29,7 +32,8 @@ from poplock.servers import SERVERS
 REPOSITORY = Path(__file__).resolve().parents[2]
 MAN = REPOSITORY / "man"
 CATALOG = REPOSITORY / "catalog" / "poplock.catalog"
-REQUIRED_PAGES = ("poplock.8", "poplock-reader.8", "relaylock.8", "poplock-policy.8", "poplock.conf.5")
+REQUIRED_PAGES = ("poplock.8", "poplock-reader.8", "relaylock.8", "poplock-policy.8", "poplock-logauth.8",
+                  "poplock.conf.5")
 PAGES = sorted(path.name for path in MAN.glob("*.[1-9]"))
 FIELDS = {"POPLOCK_CLIENT_ADDRESS", "POPLOCK_SOURCE", "POPLOCK_SOURCE_UNIT", "POPLOCK_EXPIRES", "POPLOCK_EVENT"}
 
@@ -162,6 +166,23 @@ def test_every_man_page_is_named_and_dated_like_its_file(page):
     assert f"\n.Nm {name}\n" in text
 
 
+def test_poplock_8_leads_to_every_other_page_in_its_see_also():
+    see_also = "\n".join(section_lines(page_text("poplock.8"), "SEE ALSO"))
+    for page in PAGES:
+        name, _, section = page.rpartition(".")
+        if page != "poplock.8":
+            assert f".Xr {name} {section}" in see_also, f"poplock(8) SEE ALSO lacks {name}({section})"
+
+
+@pytest.mark.parametrize("program", sorted(path.stem for path in MAN.glob("*.8") if path.stem != "poplock"))
+def test_other_pages_link_to_a_programs_page_and_never_name_it_bare(program):
+    # `.Ic poplock-logauth` in another page renders as a word with no page to follow.
+    bare = re.compile(rf"^\.(?:It )?(?:Ic|Nm) {re.escape(program)}(?![\w.-])", re.M)
+    for page in PAGES:
+        if page != f"{program}.8":
+            assert not bare.search(page_text(page)), f"{page} names {program} without .Xr {program} 8"
+
+
 def test_every_page_the_units_and_the_catalog_point_to_is_shipped():
     references = set()
     for path in [*(REPOSITORY / "units").glob("*"), CATALOG]:
@@ -202,6 +223,16 @@ def test_every_built_in_source_and_no_other_is_listed_in_poplock_conf_5_with_its
     for name, server in SERVERS.items():
         for key, values in (("Identifiers", server.identifiers), ("Units", server.units), ("Users", server.users)):
             assert f"\n{key}={' '.join(values)}\n" in items[name], f"built-in source {name}: {key}="
+
+
+def test_poplock_conf_5_gives_every_boolean_word_the_code_accepts():
+    values_section = "\n".join(section_lines(page_text("poplock.conf.5"), "DESCRIPTION"))
+    boolean = values_section[values_section.index(".It boolean\n"):values_section.index(".It time span\n")]
+    documented = set(re.findall(r"^\.Ql (\S+)", boolean, re.M))
+    true, false = poplock.values._TRUE, poplock.values._FALSE
+    assert documented == set(true) | set(false)
+    for word in true + false:
+        assert poplock.values.parse_boolean(word.upper()) == (word in true)  # "in upper or lower case"
 
 
 def test_every_setting_and_source_key_is_shipped_in_etc_at_its_default():
@@ -245,8 +276,36 @@ def test_every_option_of_a_daemon_is_documented_in_its_page(module, page):
 
 
 def test_every_option_of_relaylock_is_documented_in_relaylock_8():
-    options = set(re.findall(r"(?<![\w-])(-{1,2}[A-Za-z][\w-]*)", relaylock.USAGE)) | {"--config"}
+    # main() answers -h and --help itself, before the parser that USAGE describes.
+    options = set(re.findall(r"(?<![\w-])(-{1,2}[A-Za-z][\w-]*)", relaylock.USAGE)) | {"--config", "-h", "--help"}
     assert options <= documented_options("relaylock.8")
+
+
+def test_relaylock_help_exits_0_as_relaylock_8_says():
+    result = subprocess.run([sys.executable, "-m", "poplock.relaylock", "--help"], capture_output=True, text=True,
+                            cwd=REPOSITORY, stdin=subprocess.DEVNULL)
+    assert (result.returncode, result.stdout) == (0, "")
+    assert relaylock.USAGE in result.stderr
+    exit_status = "\n".join(section_lines(page_text("relaylock.8"), "EXIT STATUS"))
+    assert re.search(r"^\.It 0\n\.Fl h\nor\n\.Fl -help \.$", exit_status, re.M)
+
+
+def test_every_option_of_poplock_logauth_is_documented_in_poplock_logauth_8():
+    options = set(re.findall(r"(?<![\w-])(-{1,2}[A-Za-z][\w-]*)", logauth.USAGE))
+    assert options and options <= documented_options("poplock-logauth.8")
+
+
+@pytest.mark.parametrize(("module", "page"), [("poplock.cli", "poplock.8"), ("poplock.reader", "poplock-reader.8"),
+                                              ("poplock.policy", "poplock-policy.8"),
+                                              ("poplock.relaylock", "relaylock.8"),
+                                              ("poplock.logauth", "poplock-logauth.8")])
+def test_every_programs_usage_error_exits_with_the_status_its_page_gives(module, page):
+    result = subprocess.run([sys.executable, "-m", module, "--no-such-option", "true"], capture_output=True,
+                            text=True, cwd=REPOSITORY, stdin=subprocess.DEVNULL)
+    assert result.returncode == os.EX_USAGE, result.stderr
+    assert "usage" in result.stderr
+    exit_status = "\n".join(section_lines(page_text(page), "EXIT STATUS"))
+    assert re.search(r"^\.It 64\nUsage error", exit_status, re.M), f"{page} does not give 64 for a usage error"
 
 
 def test_the_quick_start_in_poplock_8_gives_the_readmes_commands():
