@@ -17,7 +17,8 @@ def join_dash_values(argv: list[str], options: tuple[str, ...]) -> list[str]:
     index = 0
     while index < len(argv):
         word = argv[index]
-        if word in options and index + 1 < len(argv) and argv[index + 1].startswith("-") and argv[index + 1] != "-":
+        following = argv[index + 1] if index + 1 < len(argv) else ""
+        if word in options and following.startswith("-") and following[1:2].isdigit():
             joined.append(f"{word}={argv[index + 1]}")
             index += 2
             continue

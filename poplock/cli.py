@@ -235,7 +235,9 @@ def command_config(config: Config, arguments) -> int:
             section = setting.section
             print(f"{'' if setting is SETTINGS[0] else chr(10)}[{section}]")
         value = getattr(config, setting.attribute)
-        if isinstance(value, tuple):
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        elif isinstance(value, tuple):
             value = " ".join(value)
         elif isinstance(value, float):
             value = format_timespan(value)

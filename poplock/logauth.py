@@ -32,6 +32,9 @@ def parse_arguments(argv: list[str]) -> tuple[str, list[str]]:
         if argv[index] == "--protocol" and index + 1 < len(argv):
             protocol = argv[index + 1].upper()
             index += 2
+        elif argv[index].startswith("--protocol="):
+            protocol = argv[index].partition("=")[2].upper()
+            index += 1
         else:
             raise ValueError(f"unknown option {argv[index]}")
     if protocol not in ("POP3", "IMAP"):
@@ -64,21 +67,25 @@ def record_login(protocol: str, environment: dict) -> str | None:
     return None
 
 
-def report(message: str) -> None:
+def report(message: str, priority: int = 4) -> None:
     """One line to the journal or standard error, never to the client (see journalsend.report)."""
     try:
         from poplock.journalsend import report as send_report
 
-        send_report("poplock-logauth", message, priority=4)
+        send_report("poplock-logauth", message, priority=priority)
     except Exception:  # noqa: BLE001 - the mail session must go on
         pass
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        report(USAGE, priority=6)
+        return 0
     try:
-        protocol, program = parse_arguments(sys.argv[1:] if argv is None else argv)
+        protocol, program = parse_arguments(argv)
     except ValueError as error:
-        report(f"{error}\n{USAGE}")
+        report(f"{error}\n{USAGE}", priority=3)
         return EX_USAGE
     environment = dict(posix.environ)
     try:

@@ -39,6 +39,7 @@ from poplock.store import open_snapshot
 log = logging.getLogger("poplock.policy")
 
 READ_SIZE = 65536
+ERROR_REPORT_INTERVAL = 60.0
 
 
 class Snapshots:
@@ -102,6 +103,16 @@ class PolicyService:
         self.connections = 0
         self.decisions = 0
         self.allowed = 0
+        self._reported: dict[str, float] = {}  # error text -> when it was last logged
+
+    def _should_report(self, problem: str) -> bool:
+        """The same trouble is logged at most once a minute: Postfix asks many times a second."""
+        now = time.monotonic()
+        if now - self._reported.get(problem, -ERROR_REPORT_INTERVAL) < ERROR_REPORT_INTERVAL:
+            return False
+        self._reported = {text: when for text, when in self._reported.items() if now - when < ERROR_REPORT_INTERVAL}
+        self._reported[problem] = now
+        return True
 
     def action_for(self, attributes: dict[str, str]) -> str:
         """The action for one well-formed request; DUNNO on any trouble of ours."""
@@ -119,8 +130,9 @@ class PolicyService:
                 event = events.STORE_BUSY
             else:
                 event = events.STORE_FAILED
-            log_event(log, logging.ERROR, event, "cannot decide for %s, answering DUNNO: %s", address, error,
-                      address=address)
+            if self._should_report(str(error)):
+                log_event(log, logging.ERROR, event, "cannot decide for %s, answering DUNNO: %s", address, error,
+                          address=address)
             self.snapshots.close()
             return DUNNO
         self.decisions += 1
@@ -181,6 +193,8 @@ def listening_sockets(listen: list[str]) -> list[socket.socket]:
     for where in listen:
         if where.startswith("/"):
             if os.path.exists(where) and stat.S_ISSOCK(os.lstat(where).st_mode):
+                if _socket_answers(where):
+                    raise OSError(f"{where}: another process is listening there")
                 os.unlink(where)  # a socket left by an earlier run; any other file is an error below
             unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             unix.bind(where)
@@ -199,6 +213,17 @@ def listening_sockets(listen: list[str]) -> list[socket.socket]:
         server.listen(128)
         sockets.append(server)
     return sockets
+
+
+def _socket_answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 async def run(service: PolicyService, sockets: list[socket.socket]) -> None:

@@ -24,10 +24,10 @@ from poplock import events
 from poplock.arguments import ArgumentParser
 from poplock.config import Config, load_config
 from poplock.cursor import CursorFileError, load_cursor, save_cursor
-from poplock.errors import ConfigError, StoreError
+from poplock.errors import ConfigError, StoreBusyError, StoreError
 from poplock.follow import JournalFollower, Position
 from poplock.grants import grant_for_login, merge_grant
-from poplock.logins import Drift, Login, LoginParser, Unmatched, UnmatchedLogins
+from poplock.logins import NO_ADDRESS, Drift, Login, LoginParser, Unmatched, UnmatchedLogins
 from poplock.logs import iso_time, log_event, setup_logging
 from poplock.sources import Source, build_sources
 from poplock.store import read_snapshot
@@ -135,10 +135,11 @@ class Reader:
     def _warn_drift(self, drift: Drift) -> None:
         since = f"the last login read was at {iso_time(drift.last_login)}" if drift.last_login else \
             "no login of it has been read yet"
-        log_event(log, logging.WARNING, events.LOGIN_UNMATCHED,
-                  "%s logged %d lines since %s that look like logins but that no pattern reads (%s); "
-                  "%s. The latest: %s", drift.source, drift.count, iso_time(drift.first), drift.last.reason,
-                  since, drift.last.message, source=drift.source)
+        what = "logins whose connection gave no address" if drift.last.reason == NO_ADDRESS else \
+            "lines that look like logins but that no pattern reads"
+        lines = "1 line" if drift.count == 1 else f"{drift.count} lines"
+        log_event(log, logging.WARNING, events.LOGIN_UNMATCHED, "%s logged %s since %s: %s; %s. The latest: %s",
+                  drift.source, lines, iso_time(drift.first), what, since, drift.last.message, source=drift.source)
 
     def _commit(self, logins: list[tuple[Login, str | None]], cursor: str) -> None:
         now = self.clock()
@@ -254,8 +255,8 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
             reader.process_available()
             attempt = 0
         except (StoreError, OSError) as error:  # store, cursor file or journal trouble
-            log_event(log, logging.ERROR, events.STORE_FAILED, "%s; will retry from the last committed position",
-                      error)
+            event = events.STORE_BUSY if isinstance(error, StoreBusyError) else events.STORE_FAILED
+            log_event(log, logging.ERROR, event, "%s; will retry from the last committed position", error)
             if once:
                 return os.EX_TEMPFAIL
             pause = RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         follower = JournalFollower(matches, directory=arguments.directory, files=arguments.file)
     except (OSError, ValueError) as error:
-        print(f"poplock-reader: error: cannot open the journal: {error}", file=sys.stderr)
+        log.error("cannot open the journal: %s", error)
         return os.EX_NOINPUT
     reader = Reader(config, sources, follower, StoreWriter(config.store_path))
     return run(reader, follower, once=arguments.once)

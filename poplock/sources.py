@@ -170,8 +170,9 @@ def _build_source(name: str, assignments, watched: bool, problems: list[str]) ->
     # default): it grants nothing, and `poplock scan --all-sources` can still try its patterns.
     if not units and not users and (watched or assignments):
         problems.append(f"{place}: [Source:{name}]: trusts nothing: set Units= (systemd) or Users= (the server's uid)")
-    if not identifiers and all(_is_glob(unit) for unit in units):
-        # A glob only decides trust: the journal is searched by identifier and exact unit names.
+    if not identifiers and (not units or any(_is_glob(unit) for unit in units)):
+        # A glob only decides trust: the journal is searched by identifier and exact unit names,
+        # so the entries of units that only a pattern names are found by identifier alone.
         problems.append(f"{place}: [Source:{name}]: selects nothing: set Identifiers= or Units= "
                         f"(a Units= pattern with * only decides trust)")
     if not patterns:

@@ -141,3 +141,12 @@ def test_scan_takes_a_relative_since_written_the_natural_way(setup, tmp_path):
     result = setup.run("scan", "--file", str(tmp_path / "none.journal"), "--since", "-1h")
     assert result.returncode == 66
     assert "cannot open the journal" in result.stderr
+
+
+def test_an_option_after_since_is_not_taken_for_its_value(setup):
+    result = setup.run("scan", "--since", "--json")
+    assert result.returncode == 64 and "--since: expected one argument" in result.stderr
+
+
+def test_config_prints_booleans_in_systemd_words(setup):
+    assert "\nLogRefused=no\n" in setup.run("config", check=True).stdout

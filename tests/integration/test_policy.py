@@ -211,3 +211,22 @@ def test_a_static_list_that_breaks_while_running_is_a_configuration_event_and_re
     setup.static.write_text("192.0.2.0/24/8\n")
     assert client.ask("192.0.2.99") == "action=DUNNO"
     assert "invalid configuration" in service.output()
+
+
+def test_a_unix_socket_another_instance_listens_on_is_not_taken_over(setup, tmp_path):
+    path = tmp_path / "policy.sock"
+    with PolicyProcess(setup, str(path)):
+        second = subprocess.run([command("poplock-policy"), "-c", str(setup.config), "--listen", str(path)],
+                                capture_output=True, text=True, timeout=30)
+        assert second.returncode == 71 and "another process is listening there" in second.stderr
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.connect(str(path))  # still the first instance's
+        unix.close()
+
+
+def test_trouble_that_repeats_is_logged_once_not_per_request(service, setup):
+    client = connect(service)
+    setup.static.write_text("192.0.2.0/24/8\n")
+    for _ in range(20):
+        assert client.ask("192.0.2.99") == "action=DUNNO"
+    assert service.output().count("invalid configuration") == 1

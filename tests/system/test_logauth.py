@@ -88,3 +88,12 @@ def test_the_next_program_runs_even_when_the_journal_cannot_be_reached(tmp_path)
                              f"{command('poplock-logauth')} echo next ran"], capture_output=True, text=True)
     assert result.stdout == "next ran\n"
     assert "poplock-logauth: cannot reach the journal; no login recorded" in result.stderr
+
+
+def test_help_and_options_are_read_like_relaylocks():
+    assert subprocess.run([command("poplock-logauth"), "--help"], capture_output=True).returncode == 0
+    result = subprocess.run(["env", "TCPREMOTEIP=127.0.0.10", "USER=alice", command("poplock-logauth"),
+                             "--protocol=IMAP", "echo", "ran"], capture_output=True, text=True)
+    assert result.stdout == "ran\n"
+    bad = subprocess.run([command("poplock-logauth"), "--protocol=SMTP", "true"], capture_output=True, text=True)
+    assert bad.returncode == 64 and "--protocol is POP3 or IMAP" in bad.stderr
