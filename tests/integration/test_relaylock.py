@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from support.poplock import command
+from support.poplock import command, command_for_everyone
+from support.processes import reachable_by_everyone
 from support.smtpservers import SocketActivate, TcpServer, mailfront, qpsmtpd, try_relay
 
 GRANTED = "127.0.0.5"
@@ -100,7 +101,11 @@ def test_when_the_lookup_fails_the_server_still_runs_and_nothing_relays(granted,
     environment = {"REMOTE_ADDR": GRANTED, "RELAYCLIENT": "inherited", "PATH": os.environ["PATH"]}
     # nobody cannot read a 0000 file even when the tests run as root
     prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] if damage == "unreadable" else []
-    result = subprocess.run(prefix + relaylock(granted) + ["/usr/bin/env"], env=environment,
+    program = relaylock(granted)
+    if damage == "unreadable":
+        program[0] = command_for_everyone("relaylock")
+        reachable_by_everyone(granted.directory)
+    result = subprocess.run(prefix + program + ["/usr/bin/env"], env=environment,
                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert "RELAYCLIENT" not in result.stdout  # the server ran, without the relay open

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .ports import free_port, wait_for_port
-from .processes import Service
+from .processes import Service, reachable_by_everyone
 from .tls import self_signed_certificate
 
 
@@ -42,13 +42,8 @@ class Dovecot(Service):
         for sub in ("run", "state", "mail"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         d.chmod(0o755)
-        # Dovecot's auth and mail processes run as other users: they must reach this
-        # directory through temporary parents that are private to root.
-        for parent in d.parents:
-            if parent == Path("/"):
-                break
-            if parent.stat().st_mode & 0o001 == 0:
-                parent.chmod(parent.stat().st_mode | 0o001)
+        # Dovecot's auth and mail processes run as other users.
+        reachable_by_everyone(d)
         os.chown(d / "mail", _uid("nobody"), -1)
         (d / "passwd").write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self.users.items()))
         (d / "passwd").chmod(0o644)

@@ -13,6 +13,7 @@ from pathlib import Path
 from .notify import NotifySocket
 
 BIN = Path(sys.executable).parent
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def command(name: str) -> str:
@@ -21,6 +22,14 @@ def command(name: str) -> str:
     if not path.exists():
         raise RuntimeError(f"{path} is missing: run the tests with the README's test command")
     return str(path)
+
+
+def command_for_everyone(name: str) -> str:
+    """command(), reachable by other users too (tests run some programs as `nobody`)."""
+    from .processes import reachable_by_everyone
+
+    reachable_by_everyone(REPOSITORY)  # relaylock's script imports the package from here
+    return str(reachable_by_everyone(Path(command(name))))
 
 
 class Setup:

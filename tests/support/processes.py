@@ -47,3 +47,18 @@ class Service:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def reachable_by_everyone(path: Path) -> Path:
+    """Let other users reach `path` through its parents (o+x on each: traverse, not list).
+
+    Servers that switch users, and tests that run programs as `nobody`, must get to files
+    under temporary directories (and clones) that are private to root.
+    """
+    for parent in [path, *path.parents]:
+        if parent == Path("/"):
+            break
+        mode = parent.stat().st_mode
+        if parent.is_dir() and not mode & 0o001:
+            parent.chmod(mode | 0o001)
+    return path

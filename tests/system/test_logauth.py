@@ -12,7 +12,7 @@ import subprocess
 import textwrap
 
 import pytest
-from support.poplock import ReaderProcess, Setup, command
+from support.poplock import ReaderProcess, Setup, command, command_for_everyone
 from support.ports import free_port, wait_for_port
 
 CHECKPASSWORD = textwrap.dedent("""\
@@ -75,7 +75,8 @@ def test_poplock_logauth_run_by_another_user_grants_nothing(tmp_path, journald):
     setup = Setup(tmp_path, extra="Sources=logauth\n\n[Source:logauth]\nUsers=root\n")
     # Any local user can run the program; only entries from the POP3 service's uid count.
     subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "env",
-                    "TCPREMOTEIP=203.0.113.77", "USER=mallory", command("poplock-logauth"), "true"], check=True)
+                    "TCPREMOTEIP=203.0.113.77", "USER=mallory", command_for_everyone("poplock-logauth"), "true"],
+                   check=True)
     subprocess.run(["env", "TCPREMOTEIP=127.0.0.8", "USER=alice", command("poplock-logauth"), "true"], check=True)
     with ReaderProcess(setup):
         setup.wait_until_allowed("127.0.0.8")
