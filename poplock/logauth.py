@@ -51,8 +51,7 @@ def login_message(protocol: str, address: str, user: str) -> str:
 def record_login(protocol: str, environment: dict) -> str | None:
     """Send the entry; returns a problem to report, or None."""
     from poplock.addresses import normalize_address
-    from poplock.journalsend import send
-    from poplock.peer import client_address
+    from poplock.connection import client_address, send
 
     text = client_address(environment)
     if text is None:
@@ -68,9 +67,9 @@ def record_login(protocol: str, environment: dict) -> str | None:
 
 
 def report(message: str, priority: int = 4) -> None:
-    """One line to the journal or standard error, never to the client (see journalsend.report)."""
+    """One line to the journal or standard error, never to the client (see connection.report)."""
     try:
-        from poplock.journalsend import report as send_report
+        from poplock.connection import report as send_report
 
         send_report("poplock-logauth", message, priority=priority)
     except Exception:  # noqa: BLE001 - the mail session must go on
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         problem = f"no login recorded: {error}"
     if problem:
         report(problem)
-    from poplock.chain import execute
+    from poplock.connection import execute
 
     report(f"cannot run {program[0]}: {execute(program, environment)}")
     return EX_OSERR

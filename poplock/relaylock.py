@@ -63,7 +63,7 @@ def parse_arguments(argv: list[str]) -> tuple[str | None, str | None, list[str]]
 def find_address(environment: dict) -> str:
     """The client's canonical address. Raises when there is none to be had."""
     from poplock.addresses import normalize_address
-    from poplock.peer import client_address
+    from poplock.connection import client_address
 
     raw = client_address(environment)
     if raw is None:
@@ -94,9 +94,9 @@ def decide(config_path: str | None, relay_client: str | None, address: str):
 
 
 def report(message: str, event=None, address: str | None = None, priority: int = 6) -> None:
-    """One line to the journal or standard error (never to the client; see journalsend.report)."""
+    """One line to the journal or standard error (never to the client; see connection.report)."""
     try:
-        from poplock.journalsend import report as send_report
+        from poplock.connection import report as send_report
 
         send_report("relaylock", message, priority, event, address)
     except Exception:  # noqa: BLE001 - reporting must never stop the server from running
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         report(message, event, address)
     except BaseException as error:  # noqa: BLE001 - every failure here must still run the server
         report(f"cannot decide, not relaying: {_describe(error)}", _failure_event(error), address, priority=3)
-    from poplock.chain import execute
+    from poplock.connection import execute
 
     error = execute(program, environment)
     report(f"cannot run {program[0]}: {error}", priority=3)

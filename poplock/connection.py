@@ -1,14 +1,37 @@
-"""Reporting from the per-connection programs (relaylock, poplock-logauth) without the journal module.
+"""What the per-connection programs (relaylock, poplock-logauth) share: who the client is,
+reporting without the journal module, and chain-loading the next program.
 
-They run once per connection and cannot afford to import systemd.journal, yet their
-events should carry MESSAGE_ID and POPLOCK_* fields like everyone else's: the native
-protocol is one datagram of FIELD=value lines to journald's socket (sd_journal_sendv(3)).
-Under inetd, standard error is the client's connection like standard input and output:
-then nothing may be written to it.
+They run once per connection, so this module keeps clear of `os`, `socket` and
+systemd.journal. Reports carry MESSAGE_ID and POPLOCK_* fields all the same: the native
+journal protocol is one datagram of FIELD=value lines to journald's socket
+(sd_journal_sendv(3)). Under inetd, standard error is the client's connection like
+standard input and output: then nothing may be written to it.
 """
 
 import _socket
 import posix
+
+
+def client_address(environment: dict) -> str | None:
+    """The peer of standard input, else $REMOTE_ADDR, else $TCPREMOTEIP (raw text)."""
+    try:
+        connection = _socket.socket(fileno=0)
+    except OSError:  # not a socket: a pipe, a terminal
+        connection = None
+    if connection is not None:
+        try:
+            if connection.family in (_socket.AF_INET, _socket.AF_INET6):
+                return connection.getpeername()[0]
+        except OSError:
+            pass
+        finally:
+            connection.detach()  # fd 0 belongs to the SMTP server
+    for name in (b"REMOTE_ADDR", b"TCPREMOTEIP"):
+        value = environment.get(name)
+        if value:
+            return value.decode("ascii", "replace")
+    return None
+
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
@@ -76,3 +99,22 @@ def send(fields: list[tuple[str, str]]) -> bool:
     finally:
         connection.close()
     return True
+
+
+def execute(program: list[str], environment: dict) -> str:
+    """Exec `program` as execvpe(3) would, searching $PATH like a shell; returns only when
+    nothing could be executed, with the reason."""
+    name = program[0]
+    if "/" in name:
+        candidates = [name]
+    else:
+        path = environment.get(b"PATH", b"/usr/local/bin:/usr/bin:/bin").decode("utf-8", "replace")
+        candidates = [f"{directory or '.'}/{name}" for directory in path.split(":")]
+    error = None
+    for candidate in candidates:
+        try:
+            posix.execve(candidate, program, environment)
+        except OSError as failure:
+            if error is None or failure.errno != 2:  # keep the most telling error (not ENOENT)
+                error = failure
+    return error.strerror if error is not None else "not found"
