@@ -20,6 +20,7 @@ PYTHONDIR ?= $(PREFIX)/lib/python3/dist-packages
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+# journalctl --update-catalog reads only /usr/lib/systemd/catalog and /usr/local/lib/systemd/catalog.
 CATALOGDIR ?= $(PREFIX)/lib/systemd/catalog
 MANDIR ?= $(PREFIX)/share/man
 
@@ -70,7 +71,8 @@ install:
 	done
 	@$(call write_relaylock,$(DESTDIR)$(BINDIR)/relaylock,$(PYTHONDIR))
 	for unit in $(UNITS); do \
-		sed 's|/usr/bin/|$(BINDIR)/|g' $$unit > $(DESTDIR)$(UNITDIR)/$${unit#units/}; \
+		sed -E 's#/usr/bin/(poplock|poplock-reader|poplock-policy|poplock-logauth|relaylock)( |$$)#$(BINDIR)/\1\2#g' \
+			$$unit > $(DESTDIR)$(UNITDIR)/$${unit#units/}; \
 		chmod 644 $(DESTDIR)$(UNITDIR)/$${unit#units/}; \
 	done
 	install -m 644 tmpfiles.d/poplock.conf $(DESTDIR)$(TMPFILESDIR)/poplock.conf
