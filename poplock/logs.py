@@ -31,6 +31,13 @@ def stderr_is_journal() -> bool:
     return (st.st_dev, st.st_ino) == (int(device), int(inode))
 
 
+def plain_line(identifier: str, level: int, text: str) -> str:
+    """How a message reads on stderr: "poplock-reader: warning: ..." (no level word for info)."""
+    if level >= logging.WARNING:
+        text = f"{logging.getLevelName(level).lower()}: {text}"
+    return f"{identifier}: {text}"
+
+
 class _PlainFormatter(logging.Formatter):
     def __init__(self, identifier: str):
         super().__init__()
@@ -38,11 +45,39 @@ class _PlainFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            text = f"{record.levelname.lower()}: {text}"
         if record.exc_info and logging.getLogger("poplock").isEnabledFor(logging.DEBUG):
             text += "\n" + self.formatException(record.exc_info)
-        return f"{self.identifier}: {text}"
+        return plain_line(self.identifier, record.levelno, text)
+
+
+# Where events go, written straight to the places the handlers write to: a catch-up logs
+# thousands of grants, and a LogRecord for each costs more than reading the entries.
+# (threshold level, write(level, text, fields)) pairs; empty until setup_logging().
+_event_outputs: list[tuple[int, object]] = []
+
+
+def _stderr_output(identifier: str):
+    def write(level: int, text: str, fields: dict) -> None:
+        sys.stderr.write(plain_line(identifier, level, text) + "\n")
+        sys.stderr.flush()
+    return write
+
+
+def _journal_output(identifier: str):
+    from systemd import journal
+
+    def write(level: int, text: str, fields: dict) -> None:
+        journal.send(text, PRIORITY=str(_journal_priority(level)), SYSLOG_IDENTIFIER=identifier, **fields)
+    return write
+
+
+def _journal_priority(level: int) -> int:
+    """The syslog(3) priority of a logging level, as python-systemd's JournalHandler maps it."""
+    for threshold, priority in ((logging.DEBUG, 7), (logging.INFO, 6), (logging.WARNING, 4),
+                                (logging.ERROR, 3), (logging.CRITICAL, 2)):
+        if level <= threshold:
+            return priority
+    return 1
 
 
 def setup_logging(identifier: str, level: int = logging.INFO, *, stderr_level: int | None = None,
@@ -63,15 +98,19 @@ def setup_logging(identifier: str, level: int = logging.INFO, *, stderr_level: i
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(level)
+    _event_outputs.clear()
     if stderr_is_journal():
         logger.addHandler(_journal_handler(identifier))
+        _event_outputs.append((level, _journal_output(identifier)))
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_PlainFormatter(identifier))
     handler.setLevel(stderr_level if stderr_level is not None else level)
     logger.addHandler(handler)
+    _event_outputs.append((handler.level, _stderr_output(identifier)))
     if also_journal and os.path.exists(JOURNAL_SOCKET):
         logger.addHandler(_journal_handler(identifier))
+        _event_outputs.append((level, _journal_output(identifier)))
 
 
 def _journal_handler(identifier: str) -> logging.Handler:
@@ -103,4 +142,12 @@ def log_event(logger: logging.Logger, level: int, event: Event, message: str, *a
         fields["POPLOCK_SOURCE_UNIT"] = unit
     if expires is not None:
         fields["POPLOCK_EXPIRES"] = iso_time(expires)
-    logger.log(level, message, *args, extra=fields)
+    if not _event_outputs:  # logging not set up by a program (a library caller): plain logging
+        logger.log(level, message, *args, extra=fields)
+        return
+    if not logger.isEnabledFor(level):
+        return
+    text = message % args if args else message
+    for threshold, write in _event_outputs:
+        if level >= threshold:
+            write(level, text, fields)
