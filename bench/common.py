@@ -13,7 +13,21 @@ sys.path.insert(0, str(REPOSITORY / "tests"))
 
 from support.poplock import Setup, command  # noqa: E402  (after the path is set)
 
-__all__ = ["REPOSITORY", "Setup", "command", "timed", "best_of", "percentile"]
+__all__ = ["REPOSITORY", "Setup", "command", "fill_store", "timed", "best_of", "percentile", "median"]
+
+
+def fill_store(setup: Setup, network: str, count: int = 1000) -> None:
+    """`count` live grants for addresses in NETWORK.x.y (e.g. "10.50"), as a busy site would have."""
+    import time as clock
+
+    from poplock.grants import Grant
+    from poplock.storewriter import StoreWriter
+
+    now = int(clock.time())
+    with StoreWriter(str(setup.store)).transaction() as transaction:
+        for index in range(count):
+            address = f"{network}.{index >> 8}.{index & 255}"
+            transaction.grants[address] = Grant(address, now + 1800, now, "dovecot")
 
 
 def timed(argv: list[str], **kwargs) -> float:

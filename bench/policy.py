@@ -20,12 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Setup, percentile
+from common import Setup, fill_store, percentile
 from support.poplock import PolicyProcess
 from support.ports import free_port, wait_for_port
-
-from poplock.grants import Grant
-from poplock.storewriter import StoreWriter
 
 DURATION = float(os.environ.get("DURATION", "5"))
 CONNECTIONS = 20
@@ -112,11 +109,7 @@ def measure(port: int) -> tuple[float, list[float]]:
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="poplock-bench-") as scratch:
         setup = Setup(Path(scratch))
-        now = int(time.time())
-        with StoreWriter(str(setup.store)).transaction() as transaction:
-            for n in range(1000):
-                address = f"10.60.{n >> 8}.{n & 255}"
-                transaction.grants[address] = Grant(address, now + 1800, now, "dovecot")
+        fill_store(setup, "10.60")
         port = free_port()
         baseline_server = subprocess.Popen([sys.executable, "-c", BASELINE_SERVER, str(port)])
         try:

@@ -15,10 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Setup, command, median
-
-from poplock.grants import Grant
-from poplock.storewriter import StoreWriter
+from common import Setup, command, fill_store, median
 
 RUNS = 400
 
@@ -36,11 +33,7 @@ def spawn_times(argv: list[str], environment: dict[str, str]) -> list[float]:
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="poplock-bench-") as scratch:
         setup = Setup(Path(scratch))
-        now = int(time.time())
-        with StoreWriter(str(setup.store)).transaction() as transaction:
-            for index in range(1000):
-                address = f"10.50.{index >> 8}.{index & 255}"
-                transaction.grants[address] = Grant(address, now + 1800, now, "dovecot")
+        fill_store(setup, "10.50")
         setup.static.write_text("".join(f"192.168.{index}.0/24\n" for index in range(20)))
         environment = {"PATH": os.environ["PATH"], "REMOTE_ADDR": "10.50.3.7"}
         relaylock = [command("relaylock"), "-c", str(setup.config), "--", "/bin/true"]
