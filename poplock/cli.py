@@ -248,6 +248,8 @@ def command_config(config: Config, arguments) -> int:
         print(f"Units={' '.join(source.units)}")
         print(f"Users={' '.join(str(uid) for uid in sorted(source.uids))}")
         print(f"LoginUsers={' '.join(str(uid) for uid in sorted(source.login_uids))}")
+        if source.unresolved_users:
+            print(f"# not on this system, so trusted nowhere: {' '.join(source.unresolved_users)}")
         for pattern in source.patterns:
             print(f"Pattern={pattern.pattern}")
         print(f"Hint={source.hint.pattern if source.hint else ''}")

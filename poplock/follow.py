@@ -2,7 +2,7 @@
 
 Reads only the fields login parsing needs (fetching every field of every entry is
 what makes the high-level Reader slow), resumes from a saved cursor, and waits for new
-entries on the journal's inotify descriptor instead of polling. See sd_journal_open(3),
+entries on the journal's inotify descriptor (see reader.py for why it also re-reads). See sd_journal_open(3),
 sd_journal_seek_cursor(3), sd_journal_wait(3).
 """
 
@@ -140,10 +140,6 @@ class JournalFollower:
     def process(self) -> None:
         """Consume the journal's inotify events after its descriptor turned readable."""
         self._reader.process()
-
-    def wait(self, timeout: float) -> None:
-        """Block until the journal changes or `timeout` seconds pass."""
-        self._reader.wait(int(timeout * 1_000_000))
 
     def reopen(self, cursor: str | None, fallback_realtime: float) -> str:
         """Start over with a fresh journal handle (after errors reading the old one)."""
