@@ -137,3 +137,21 @@ def _wait_then_kill(setup, reader) -> None:
     while len(read_snapshot(str(setup.store), 1.0).grants) < 300 and time.monotonic() < deadline:
         time.sleep(0.001)
     reader.kill()  # mid-burst, wherever it was
+
+
+def test_a_journal_rotation_while_following_loses_nothing_and_replays_nothing(tagged):
+    import subprocess as run
+
+    with ReaderProcess(tagged, "--verbose") as reader:
+        log_as_root(tagged, login_line("10.88.0.1"))
+        tagged.wait_until_allowed("10.88.0.1")
+        # journald rotates on SIGUSR2 (what `journalctl --rotate` asks for): new files, old ones archived.
+        journald_pid = run.run(["pgrep", "-o", "-x", "systemd-journal"], capture_output=True, text=True,
+                               check=True).stdout.split()[0]
+        run.run(["kill", "-USR2", journald_pid], check=True)
+        for index in range(2, 6):
+            log_as_root(tagged, login_line(f"10.88.0.{index}"))
+        tagged.wait_until_allowed("10.88.0.5")
+        reader.stop()
+    assert sorted(grants(tagged)) == [f"10.88.0.{index}" for index in range(1, 6)]
+    assert "changes nothing" not in reader.output()
