@@ -30,11 +30,10 @@ from poplock.access import check_relay
 from poplock.addresses import Network, load_allow_list, normalize_address
 from poplock.arguments import ArgumentParser
 from poplock.config import Config, load_config
-from poplock.errors import AddressError, ConfigError, PoplockError, ProtocolError, StoreBusyError, StoreError
-from poplock.grants import GrantDecodeError, decode_grant
+from poplock.errors import AddressError, ConfigError, PoplockError, ProtocolError, StoreBusyError
 from poplock.logs import log_event, setup_logging
 from poplock.policyprotocol import DUNNO, RequestBuffer, format_reply
-from poplock.store import open_snapshot
+from poplock.store import find_grant, open_snapshot
 
 log = logging.getLogger("poplock.policy")
 
@@ -72,13 +71,7 @@ class Snapshots:
             self._snapshot_identity = identity
         if self._snapshot is None:
             return None
-        value = self._snapshot.get(address.encode())
-        if value is None:
-            return None
-        try:
-            return decode_grant(address, value)
-        except GrantDecodeError as error:
-            raise StoreError(str(error)) from None
+        return find_grant(self._snapshot, address, self.config.store_path)
 
     def close(self) -> None:
         if self._snapshot is not None:

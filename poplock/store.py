@@ -72,9 +72,14 @@ def lookup_grant(path: str, address: str, busy_timeout: float) -> Grant | None:
     if snapshot is None:
         return None
     try:
-        value = snapshot.get(address.encode())
+        return find_grant(snapshot, address, path)
     finally:
         snapshot.close()
+
+
+def find_grant(snapshot, address: str, path: str) -> Grant | None:
+    """The grant for a canonical address in an open snapshot (see lookup_grant)."""
+    value = snapshot.get(address.encode())
     if value is None:
         return None
     try:

@@ -40,7 +40,6 @@ import os
 import poplib
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -55,7 +54,7 @@ sys.path.insert(0, str(REPOSITORY))
 
 from tests.support import popservers  # noqa: E402
 from tests.support.dovecot import Dovecot  # noqa: E402
-from tests.support.journald import JOURNALD, ensure_journald  # noqa: E402
+from tests.support.journald import JOURNALD, accepts_datagrams, ensure_journald  # noqa: E402
 from tests.support.mailclients import imap_login, pop3_login  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent
@@ -121,7 +120,7 @@ class PrivateJournal:
             start_new_session=True,
         )
         deadline = time.monotonic() + 10
-        while not (_accepts_datagrams(sockets / "dev-log") and any(storage.glob("*/system.journal"))):
+        while not (accepts_datagrams(sockets / "dev-log") and any(storage.glob("*/system.journal"))):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 raise RecordingError("the private systemd-journald did not start")
             time.sleep(0.02)
@@ -174,17 +173,6 @@ class PrivateJournal:
             if time.monotonic() > deadline:
                 return False
             self._reader.wait(100_000)
-
-
-def _accepts_datagrams(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def _text(value) -> str | list[str]:

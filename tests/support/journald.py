@@ -44,13 +44,16 @@ def ensure_journald() -> None:
 
 
 def _journald_answers() -> bool:
+    return SOCKET.exists() and accepts_datagrams(SOCKET)
+
+
+def accepts_datagrams(path: Path) -> bool:
+    """Something listens on the unix datagram socket at `path` (journald's, or a private one's)."""
     import socket
 
-    if not SOCKET.exists():
-        return False
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        probe.connect(str(SOCKET))
+        probe.connect(str(path))
         return True
     except OSError:
         return False
