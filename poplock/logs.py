@@ -38,18 +38,6 @@ def plain_line(identifier: str, level: int, text: str) -> str:
     return f"{identifier}: {text}"
 
 
-class _PlainFormatter(logging.Formatter):
-    def __init__(self, identifier: str):
-        super().__init__()
-        self.identifier = identifier
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
-        if record.exc_info and logging.getLogger("poplock").isEnabledFor(logging.DEBUG):
-            text += "\n" + self.formatException(record.exc_info)
-        return plain_line(self.identifier, record.levelno, text)
-
-
 # Where events go, written straight to the places the handlers write to: a catch-up logs
 # thousands of grants, and a LogRecord for each costs more than reading the entries.
 # (threshold level, write(level, text, fields)) pairs; empty until setup_logging().
@@ -63,12 +51,31 @@ def _stderr_output(identifier: str):
     return write
 
 
-def _journal_output(identifier: str):
+def _journal_output(identifier: str, fallback=None):
+    """Native journal entries; when journald cannot take one, `fallback` gets it (if any)."""
     from systemd import journal
 
     def write(level: int, text: str, fields: dict) -> None:
-        journal.send(text, PRIORITY=str(_journal_priority(level)), SYSLOG_IDENTIFIER=identifier, **fields)
+        try:
+            journal.send(text, PRIORITY=str(_journal_priority(level)), SYSLOG_IDENTIFIER=identifier, **fields)
+        except OSError:  # journald restarting, stopped, or its queue full: never fail the caller
+            if fallback is not None:
+                fallback(level, text, fields)
     return write
+
+
+def journal_reachable(path: str = JOURNAL_SOCKET) -> bool:
+    """journald listens on its socket (a socket file left by a stopped journald refuses)."""
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def _journal_priority(level: int) -> int:
@@ -80,6 +87,26 @@ def _journal_priority(level: int) -> int:
     return 1
 
 
+class _OutputHandler(logging.Handler):
+    """A logging handler over one output: the records and the direct events land alike."""
+
+    def __init__(self, write, level: int, *, with_traceback: bool):
+        super().__init__(level)
+        self.write = write
+        self.with_traceback = with_traceback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info and self.with_traceback:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        self.write(record.levelno, text, {})
+
+
+def _add_output(logger: logging.Logger, level: int, write, *, with_traceback: bool) -> None:
+    logger.addHandler(_OutputHandler(write, level, with_traceback=with_traceback))
+    _event_outputs.append((level, write))
+
+
 def setup_logging(identifier: str, level: int = logging.INFO, *, stderr_level: int | None = None,
                   also_journal: bool = False) -> None:
     """Send the "poplock" loggers to the journal (natively) or to stderr.
@@ -89,7 +116,7 @@ def setup_logging(identifier: str, level: int = logging.INFO, *, stderr_level: i
     only what reaches `stderr_level`.
     """
     # Documented logging optimisations: poplock's records need no caller frame, thread
-    # or process details, and a catch-up logs thousands of grants.
+    # or process details.
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
@@ -99,24 +126,15 @@ def setup_logging(identifier: str, level: int = logging.INFO, *, stderr_level: i
     logger.propagate = False
     logger.setLevel(level)
     _event_outputs.clear()
+    verbose = level <= logging.DEBUG
     if stderr_is_journal():
-        logger.addHandler(_journal_handler(identifier))
-        _event_outputs.append((level, _journal_output(identifier)))
+        _add_output(logger, level, _journal_output(identifier, fallback=_stderr_output(identifier)),
+                    with_traceback=True)
         return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_PlainFormatter(identifier))
-    handler.setLevel(stderr_level if stderr_level is not None else level)
-    logger.addHandler(handler)
-    _event_outputs.append((handler.level, _stderr_output(identifier)))
-    if also_journal and os.path.exists(JOURNAL_SOCKET):
-        logger.addHandler(_journal_handler(identifier))
-        _event_outputs.append((level, _journal_output(identifier)))
-
-
-def _journal_handler(identifier: str) -> logging.Handler:
-    from systemd.journal import JournalHandler
-
-    return JournalHandler(SYSLOG_IDENTIFIER=identifier)
+    _add_output(logger, stderr_level if stderr_level is not None else level, _stderr_output(identifier),
+                with_traceback=verbose)
+    if also_journal and journal_reachable():
+        _add_output(logger, level, _journal_output(identifier), with_traceback=True)
 
 
 @functools.lru_cache(maxsize=4096)  # a catch-up logs thousands of grants within the same seconds
