@@ -3,13 +3,15 @@
 The journal is written by systemd-journal-remote into a directory D (it rotates into
 several files, as a real journal does). Baselines, measured in the same run: journalctl
 reading the same entries with the same match
-(`journalctl -D D SYSLOG_IDENTIFIER=dovecot + _SYSTEMD_UNIT=dovecot.service`), printing
-only each MESSAGE (`-o cat`), and printing every field with the cursor and the time
-(`-o export`), which is what a follower needs to know about an entry.
+(`journalctl -D D SYSLOG_IDENTIFIER=dovecot + _SYSTEMD_UNIT=dovecot.service`) as an
+admin runs it (its default output), and two references on either side of it: printing
+only each MESSAGE (`-o cat`, the least journalctl can do) and printing every field with
+the cursor and the time (`-o export`, what a follower needs to know about an entry).
 Printed: watched entries per second, whole runs and after start-up (each command's
-start-up measured on an empty journal), and the ratios to both baselines, for parsing
+start-up measured on an empty journal), and the ratios to each baseline, for parsing
 alone (`poplock scan -D D`) and with the grants written (`poplock-reader --once -D D`,
-no saved cursor, so every entry is read and every login committed). Goal: 0.5x or better.
+no saved cursor, so every entry is read and every login committed).
+Goal: 0.5x journalctl or better.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from common import Setup, best_of, command, timed
 ENTRIES = 200_000
 WATCHED_SHARE = 0.10
 JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
+# journalctl's output modes measured, the first being the goal's baseline.
+OUTPUTS = {"short": "default output", "cat": "MESSAGE only", "export": "every field"}
 
 
 def build_journal(path: Path) -> int:
@@ -69,7 +73,7 @@ def main() -> None:
         match = ["SYSLOG_IDENTIFIER=dovecot", "+", "_SYSTEMD_UNIT=dovecot.service"]
         journalctl = {
             output: best_of(3, lambda output=output: timed(["journalctl", "-D", str(journal), *match, "-o", output]))
-            for output in ("cat", "export")
+            for output in OUTPUTS
         }
         parsing = best_of(3, lambda: timed([command("poplock"), "-c", str(setup.config), "scan",
                                             "-D", str(journal)]))
@@ -90,7 +94,7 @@ def main() -> None:
         startup = {
             output: best_of(5, lambda output=output: timed(["journalctl", "-D", str(empty), *match, "-o", output],
                                                            stderr=subprocess.DEVNULL))
-            for output in ("cat", "export")
+            for output in OUTPUTS
         }
         startup["scan"] = best_of(5, lambda: timed([command("poplock"), "-c", str(setup.config), "scan",
                                                     "-D", str(empty)]))
@@ -98,19 +102,19 @@ def main() -> None:
                                                       "-D", str(empty)], stderr=subprocess.DEVNULL))
 
     print(f"catch-up on {ENTRIES} entries, {watched} from the watched source ({logins} logins, {granted} addresses)")
-    print(f"  {'':46} {'whole run':>10} {'vs cat':>7} {'vs export':>9}   {'after start-up':>16} {'vs cat':>7} "
-          f"{'vs export':>9}")
-    rows = (("journalctl -o cat (baseline: MESSAGE only)", journalctl["cat"], startup["cat"]),
-            ("journalctl -o export (baseline: every field)", journalctl["export"], startup["export"]),
-            ("poplock scan (parsing alone)", parsing, startup["scan"]),
-            ("poplock-reader --once (grants written)", granting, startup["reader"]))
+    rows = [(f"journalctl -o {output} ({what})", journalctl[output], startup[output])
+            for output, what in OUTPUTS.items()]
+    rows += [("poplock scan (parsing alone)", parsing, startup["scan"]),
+             ("poplock-reader --once (grants written)", granting, startup["reader"])]
     rates = {name: watched / (seconds - fixed) for name, seconds, fixed in rows}
-    base_cat, base_export = rates[rows[0][0]], rates[rows[1][0]]
+    baselines = [(rows[index][1], rates[rows[index][0]]) for index in range(len(OUTPUTS))]
+    versus = "".join(f"{'vs ' + output:>10}" for output in OUTPUTS)
+    print(f"  {'':48} {'whole run':>10}{versus}   {'after start-up':>16}{versus}")
     for name, seconds, _ in rows:
-        print(f"  {name:46} {seconds:9.3f}s {journalctl['cat'] / seconds:6.2f}x {journalctl['export'] / seconds:8.2f}x"
-              f"   {rates[name]:10.0f} e/s {rates[name] / base_cat:6.2f}x {rates[name] / base_export:8.2f}x")
-    print("  goal: 0.50x journalctl or better")
-
+        whole = "".join(f"{base_seconds / seconds:9.2f}x" for base_seconds, _ in baselines)
+        steady = "".join(f"{rates[name] / base_rate:9.2f}x" for _, base_rate in baselines)
+        print(f"  {name:48} {seconds:9.3f}s{whole}   {rates[name]:10.0f} e/s{steady}")
+    print("  goal: 0.50x journalctl (its default output, vs short) or better")
 
 if __name__ == "__main__":
     main()

@@ -25,23 +25,27 @@ class JournalEntry(Mapping):
     and fetching every field of every entry would cost more than parsing them.
     """
 
-    __slots__ = ("_reader",)
+    __slots__ = ("_reader", "_field")
 
     def __init__(self, reader):
         self._reader = reader
+        self._field = reader._get  # bound once: get() runs for nearly every entry read
 
     def __getitem__(self, name: str) -> str:
-        if name == "__REALTIME_TIMESTAMP":
+        if name == "__REALTIME_TIMESTAMP":  # kept in the entry's header, not its data
             return str(self._reader._get_realtime())
-        return self._reader._get(name).decode("utf-8", "replace")  # KeyError when absent
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
 
-    def get(self, name: str, default=None):  # the hot path: one call, no detour through __getitem__
+    def get(self, name: str, default=None):
         try:
-            if name == "__REALTIME_TIMESTAMP":
-                return str(self._reader._get_realtime())
-            return self._reader._get(name).decode("utf-8", "replace")
+            return self._field(name).decode("utf-8", "replace")
         except KeyError:
             return default
+        except ValueError:  # "__" names are not data fields
+            return self[name] if name == "__REALTIME_TIMESTAMP" else default
 
     def __iter__(self):
         return iter(name for name in ("__REALTIME_TIMESTAMP",) + FIELDS if name in self)
