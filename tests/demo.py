@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 from support.dovecot import Dovecot
@@ -47,15 +48,16 @@ def main() -> int:
     ensure_journald()
     with tempfile.TemporaryDirectory(prefix="poplock-demo-") as scratch:
         directory = Path(scratch)
-        # This Dovecot logs as "dovecot-demo" (its instance_name), so that other Dovecot
-        # logins already in this machine's journal do not mix into the demo.
-        setup = Setup(directory, extra="\n[Source:dovecot]\nIdentifiers=dovecot-demo\n")
+        # This Dovecot logs under a name of its own (its instance_name), so that other
+        # Dovecot logins in this machine's journal, earlier demos' included, do not mix in.
+        identifier = f"dovecot-demo-{uuid.uuid4().hex[:8]}"
+        setup = Setup(directory, extra=f"\n[Source:dovecot]\nIdentifiers={identifier}\n")
         say(f"configuration: the defaults, with the store and cursor under {directory}")
         print(setup.config.read_text().rstrip())
         policy_port = free_port()
         restriction = (f"check_policy_service {{ inet:127.0.0.1:{policy_port}, timeout=2s, try_limit=1, "
                        f"default_action=DUNNO }}")
-        dovecot = Dovecot(directory / "dovecot", {"demo": "secret"}, identifier="dovecot-demo")
+        dovecot = Dovecot(directory / "dovecot", {"demo": "secret"}, identifier=identifier)
         postfix = PostfixInstance(directory / "postfix", restriction)
         with dovecot, ReaderProcess(setup) as reader, PolicyProcess(setup, f"127.0.0.1:{policy_port}"), postfix:
             say(f"Dovecot POP3 on 127.0.0.1:{dovecot.pop3_port}, Postfix SMTP on 127.0.0.1:{postfix.port} asking "
