@@ -64,11 +64,18 @@ def _journal_output(identifier: str, fallback=None):
     return write
 
 
-def journal_reachable(path: str = JOURNAL_SOCKET) -> bool:
+def journal_reachable() -> bool:
     """journald listens on its socket (a socket file left by a stopped journald refuses)."""
     import socket
 
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    return unix_socket_answers(JOURNAL_SOCKET, socket.SOCK_DGRAM)
+
+
+def unix_socket_answers(path: str, kind: int) -> bool:
+    """Something listens on the unix socket at `path` (SOCK_STREAM or SOCK_DGRAM)."""
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, kind)
     try:
         probe.connect(path)
         return True

@@ -31,7 +31,7 @@ from poplock.addresses import Network, load_allow_list, normalize_address
 from poplock.arguments import ArgumentParser
 from poplock.config import Config, load_config
 from poplock.errors import AddressError, ConfigError, PoplockError, ProtocolError, StoreBusyError
-from poplock.logs import log_event, setup_logging
+from poplock.logs import log_event, setup_logging, unix_socket_answers
 from poplock.policyprotocol import DUNNO, RequestBuffer, format_reply
 from poplock.store import find_grant, open_snapshot
 
@@ -186,7 +186,7 @@ def listening_sockets(listen: list[str]) -> list[socket.socket]:
     for where in listen:
         if where.startswith("/"):
             if os.path.exists(where) and stat.S_ISSOCK(os.lstat(where).st_mode):
-                if _socket_answers(where):
+                if unix_socket_answers(where, socket.SOCK_STREAM):
                     raise OSError(f"{where}: another process is listening there")
                 os.unlink(where)  # a socket left by an earlier run; any other file is an error below
             unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -206,17 +206,6 @@ def listening_sockets(listen: list[str]) -> list[socket.socket]:
         server.listen(128)
         sockets.append(server)
     return sockets
-
-
-def _socket_answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 async def run(service: PolicyService, sockets: list[socket.socket]) -> None:
