@@ -1,7 +1,8 @@
 """Delay from a login entry being sent to the journal until the client may relay, on a real journald.
 
-A running poplock-reader follows the journal; 500 Dovecot login lines are sent one at
-a time (as root, like Dovecot's log process); after each, the answer `poplock check`
+A running poplock-reader follows the journal, with 5,000 live grants already in its
+store (a busy site: each commit must not cost what the store holds); 500 Dovecot login
+lines are sent one at a time (as root, like Dovecot's log process); after each, the answer `poplock check`
 gives is polled in-process (poplock.access.check_relay_in_files, the function behind the
 command) until it says yes. Baselines, in the same run, for the same kind of entry:
 a follower that waits on the journal's change notification (as `journalctl -f` does),
@@ -15,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Setup, median, percentile
+from common import Setup, fill_store, median, percentile
 from support.journald import ensure_journald, unique_tag
 from support.poplock import ReaderProcess
 from systemd import journal
@@ -24,6 +25,7 @@ from poplock.access import check_relay_in_files
 from poplock.config import load_config
 
 LOGINS = int(__import__("os").environ.get("LOGINS", "500"))
+STORED_GRANTS = 5000
 
 
 def login_line(address: str) -> str:
@@ -77,9 +79,11 @@ def main() -> None:
         readable = journal_delivery(tag + "-readable", notified=False, logins=LOGINS)
         # Fewer: each can take up to half a second, which is the point of measuring it.
         notified = journal_delivery(tag + "-notified", notified=True, logins=min(LOGINS, 100))
+        fill_store(setup, "10.60", STORED_GRANTS)
         with ReaderProcess(setup):
             delays = poplock_delay(tag, setup)
-    print(f"login-to-relay delay over {LOGINS} logins on a real journald ({len(notified)} for the woken follower)")
+    print(f"login-to-relay delay over {LOGINS} logins on a real journald ({len(notified)} for the woken follower), "
+          f"{STORED_GRANTS} grants stored")
     for name, values in (("entry readable (tight re-reading)", readable),
                          ("follower woken by the journal", notified),
                          ("poplock: sent -> check says yes", delays)):

@@ -3,9 +3,9 @@
 How one writer and many readers share it (LMDB-style):
 
   * The file at Store.Path is a complete, immutable snapshot. A writer (poplock-reader,
-    or `poplock add/remove/flush/expire`) takes an exclusive lock on PATH.lock, writes
-    every grant into PATH.new, fsyncs it and renames it over PATH, which is atomic. See
-    storewriter.py.
+    or `poplock add/remove/flush/expire`) takes an exclusive lock on PATH.lock, makes
+    the new snapshot in PATH.new (a copy of PATH with the changes written into it),
+    fsyncs it and renames it over PATH, which is atomic. See storewriter.py.
   * A reader opens PATH and sees the old snapshot or the new one, whole, never a mix:
     a snapshot is never written after it is published, and a reader that opened the
     old file keeps reading it after the rename.
@@ -31,6 +31,9 @@ from poplock.grants import Grant, GrantDecodeError, decode_grant
 # Keys that are not addresses: bookkeeping committed together with the grants, such as
 # poplock-reader's journal cursor ("#cursor:/var/lib/poplock/cursor").
 METADATA_PREFIX = "#"
+# Random for each published snapshot, which tells a writer whether the file is still the
+# one it published (storewriter.py).
+GENERATION_KEY = b"#generation"
 
 _EAGAIN = 11
 _ENOENT = 2
@@ -91,12 +94,13 @@ def find_grant(snapshot, address: str, path: str) -> Grant | None:
 class Snapshot:
     """Everything in one published file."""
 
-    __slots__ = ("grants", "metadata", "undecodable")
+    __slots__ = ("grants", "metadata", "undecodable", "generation")
 
-    def __init__(self, grants: dict, metadata: dict, undecodable: dict):
+    def __init__(self, grants: dict, metadata: dict, undecodable: dict, generation: bytes | None = None):
         self.grants = grants  # address -> Grant
         self.metadata = metadata  # name -> text, from keys that start with METADATA_PREFIX
         self.undecodable = undecodable  # raw key -> raw value this version cannot read
+        self.generation = generation
 
 
 def read_snapshot(path: str, busy_timeout: float) -> Snapshot:
@@ -109,6 +113,10 @@ def read_snapshot(path: str, busy_timeout: float) -> Snapshot:
         key = snapshot.firstkey()
         while key is not None:
             value = snapshot[key]
+            if key == GENERATION_KEY:
+                result.generation = value
+                key = snapshot.nextkey(key)
+                continue
             try:
                 name = key.decode()
                 if name.startswith(METADATA_PREFIX):

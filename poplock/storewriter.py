@@ -1,9 +1,17 @@
 """The grant store, write side: one writer at a time publishes complete snapshots.
 
 A transaction takes an exclusive flock on PATH.lock (writers only; readers never touch
-it), starts from the current snapshot, and on success writes the whole new set of
-grants to PATH.new, fsyncs it, renames it over PATH and fsyncs the directory. A crash
-at any point leaves the previous snapshot in place. See store.py for the reader side.
+it), starts from the current snapshot, and on success writes the new snapshot to
+PATH.new, fsyncs it, renames it over PATH and fsyncs the directory. A crash at any
+point leaves the previous snapshot in place. See store.py for the reader side.
+
+A commit costs what it changes, not what the store holds (a busy site keeps thousands
+of grants, and poplock-reader commits on every login): PATH.new starts as a copy of
+the published file, which is never written after publication, and only the changed
+keys are written into the copy. Every snapshot carries a random generation, so a
+writer that published the current snapshot itself (same generation, same file) reuses
+what it holds in memory instead of reading the file back. After as many changed keys as
+the store holds, a snapshot is written afresh, which keeps the file compact.
 
 The snapshot belongs to the owner and group of the store's directory, mode 0640, so
 that a root `poplock add` leaves a file the reader daemon and the SMTP side can read.
@@ -15,18 +23,20 @@ import _gdbm
 import fcntl
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from poplock.errors import StoreBusyError, StoreCorruptError, StoreError
 from poplock.grants import Grant, encode_grant
-from poplock.store import METADATA_PREFIX, Snapshot, read_snapshot
+from poplock.store import GENERATION_KEY, METADATA_PREFIX, Snapshot, open_snapshot, read_snapshot
 
 log = logging.getLogger("poplock.store")
 
 SNAPSHOT_MODE = 0o640
 LOCK_MODE = 0o600
+REWRITE_AFTER = 1000  # changed keys before a fresh snapshot, at the least (see above)
 
 
 class Transaction:
@@ -41,6 +51,9 @@ class StoreWriter:
     def __init__(self, path: str, *, lock_timeout: float = 10.0):
         self.path = path
         self.lock_timeout = lock_timeout
+        # What this writer last published: (file identity, Snapshot with its generation).
+        self._published: tuple[tuple, Snapshot] | None = None
+        self._changes_since_rewrite = 0
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -50,8 +63,9 @@ class StoreWriter:
             current = self._load()
             transaction = Transaction(dict(current.grants), dict(current.metadata))
             yield transaction
-            if transaction.grants != current.grants or transaction.metadata != current.metadata:
-                self._publish(transaction, current.undecodable)
+            changes = _changed_keys(current, transaction)
+            if changes:
+                self._publish(transaction, current, changes)
         finally:
             os.close(lock_fd)  # releases the flock
 
@@ -76,8 +90,12 @@ class StoreWriter:
                 time.sleep(0.002)
 
     def _load(self) -> Snapshot:
-        # Read afresh every time: another writer may have published since (a cache
-        # keyed on inode and mtime can be fooled by inode reuse within a clock tick).
+        """The current snapshot: the one this writer published, if the file is still that one."""
+        if self._published is not None and self._still_published(*self._published):
+            return self._published[1]
+        self._published = None
+        self._changes_since_rewrite = 0
+        # Read afresh: another writer has published since (or this one never did).
         try:
             snapshot = read_snapshot(self.path, busy_timeout=1.0)
         except StoreCorruptError as error:
@@ -90,33 +108,56 @@ class StoreWriter:
                         self.path, len(snapshot.undecodable))
         return snapshot
 
-    def _publish(self, transaction: Transaction, undecodable: dict[bytes, bytes]) -> None:
+    def _still_published(self, identity: tuple, published: Snapshot) -> bool:
+        # The generation tells another writer's snapshot apart (a file identity alone can
+        # recur, inodes being reused); the identity catches a program writing in place.
+        try:
+            if _identity(os.stat(self.path)) != identity:
+                return False
+        except OSError:
+            return False
+        snapshot = open_snapshot(self.path, busy_timeout=1.0)
+        if snapshot is None:
+            return False
+        try:
+            return snapshot.get(GENERATION_KEY) == published.generation
+        finally:
+            snapshot.close()
+
+    def _publish(self, transaction: Transaction, current: Snapshot, changes: dict[bytes, bytes | None]) -> None:
         directory = os.path.dirname(self.path) or "."
         new_path = self.path + ".new"
+        generation = os.urandom(8).hex().encode()
+        self._changes_since_rewrite += len(changes)
+        rewrite = self._changes_since_rewrite >= max(REWRITE_AFTER, len(transaction.grants))
         try:
             if os.path.lexists(new_path):
                 os.unlink(new_path)  # left by a writer that crashed; we hold the lock
-            snapshot = _gdbm.open(new_path, "nf", SNAPSHOT_MODE)
-            try:
-                for address, grant in transaction.grants.items():
-                    snapshot[address.encode()] = encode_grant(grant)
-                for name, text in transaction.metadata.items():
-                    snapshot[(METADATA_PREFIX + name).encode()] = text.encode()
-                for key, value in undecodable.items():
-                    snapshot[key] = value
-            finally:
-                snapshot.close()
+            published = None if rewrite else open_snapshot(self.path, busy_timeout=1.0)
+            if published is not None:
+                try:  # copied under gdbm's read lock: no program can be writing it in place
+                    shutil.copyfile(self.path, new_path)
+                finally:
+                    published.close()
+                _write_changes(new_path, changes, generation)
+            else:
+                self._changes_since_rewrite = 0
+                _write_afresh(new_path, transaction, current.undecodable, generation)
             fd = os.open(new_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fchmod(fd, SNAPSHOT_MODE)
                 self._give_to_directory_owner(fd, directory)
                 os.fsync(fd)
+                identity = _identity(os.fstat(fd))
             finally:
                 os.close(fd)
             os.replace(new_path, self.path)
             _fsync_directory(directory)
         except OSError as error:
+            self._published = None
             raise StoreError(f"cannot write the grant store {self.path}: {error}") from None
+        self._published = (identity, Snapshot(dict(transaction.grants), dict(transaction.metadata),
+                                              current.undecodable, generation))
 
     @staticmethod
     def _give_to_directory_owner(fd: int, directory: str) -> None:
@@ -124,6 +165,54 @@ class StoreWriter:
             return
         owner = os.stat(directory)
         os.fchown(fd, owner.st_uid, owner.st_gid)
+
+
+def _write_changes(path: str, changes: dict[bytes, bytes | None], generation: bytes) -> None:
+    snapshot = _gdbm.open(path, "w")
+    try:
+        for key, value in changes.items():
+            if value is not None:
+                snapshot[key] = value
+            elif key in snapshot:
+                del snapshot[key]
+        snapshot[GENERATION_KEY] = generation
+    finally:
+        snapshot.close()
+
+
+def _write_afresh(path: str, transaction: Transaction, undecodable: dict[bytes, bytes], generation: bytes) -> None:
+    snapshot = _gdbm.open(path, "nf", SNAPSHOT_MODE)
+    try:
+        for address, grant in transaction.grants.items():
+            snapshot[address.encode()] = encode_grant(grant)
+        for name, text in transaction.metadata.items():
+            snapshot[(METADATA_PREFIX + name).encode()] = text.encode()
+        for key, value in undecodable.items():
+            snapshot[key] = value
+        snapshot[GENERATION_KEY] = generation
+    finally:
+        snapshot.close()
+
+
+def _identity(status: os.stat_result) -> tuple:
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _changed_keys(before: Snapshot, after: Transaction) -> dict[bytes, bytes | None]:
+    """Raw key -> new value (None: removed) for everything the transaction changed."""
+    changes: dict[bytes, bytes | None] = {}
+    for address, grant in after.grants.items():
+        old = before.grants.get(address)
+        if old is not grant and old != grant:  # most are the very objects loaded
+            changes[address.encode()] = encode_grant(grant)
+    for address in before.grants.keys() - after.grants.keys():
+        changes[address.encode()] = None
+    for name, text in after.metadata.items():
+        if before.metadata.get(name) != text:
+            changes[(METADATA_PREFIX + name).encode()] = text.encode()
+    for name in before.metadata.keys() - after.metadata.keys():
+        changes[(METADATA_PREFIX + name).encode()] = None
+    return changes
 
 
 def _fsync_directory(directory: str) -> None:

@@ -32,6 +32,11 @@ def command_for_everyone(name: str) -> str:
     return str(reachable_by_everyone(Path(command(name))))
 
 
+def grant_keys(snapshot) -> list[bytes]:
+    """The keys of an open store snapshot that are grants (not "#" bookkeeping)."""
+    return [key for key in snapshot.keys() if not key.startswith(b"#")]
+
+
 class Setup:
     """A configuration file and the store, cursor and allow list it points at, all under one directory."""
 
