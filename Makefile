@@ -46,6 +46,8 @@ venv: deps
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
 	@$(call write_relaylock,$(VENV)/bin/relaylock,$(CURDIR))
+	@# Byte-compiled like an installed package, so that no program starts by compiling.
+	@$(VENV)/bin/python -m compileall -q poplock
 
 # relaylock runs once per SMTP connection: it starts Python isolated and without site
 # (-IS, about 2 ms less), so the script itself says where the poplock package lives.

@@ -8,6 +8,7 @@ stderr: "poplock-reader: warning: ...".
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import logging
@@ -44,11 +45,37 @@ def plain_line(identifier: str, level: int, text: str) -> str:
 _event_outputs: list[tuple[int, object]] = []
 
 
+# Lines for stderr collected by held_lines(), or None when each line is written at once.
+_held_lines: list[str] | None = None
+
+
 def _stderr_output(identifier: str):
     def write(level: int, text: str, fields: dict) -> None:
-        sys.stderr.write(plain_line(identifier, level, text) + "\n")
+        line = plain_line(identifier, level, text) + "\n"
+        if _held_lines is not None:
+            _held_lines.append(line)
+            return
+        sys.stderr.write(line)
         sys.stderr.flush()
     return write
+
+
+@contextlib.contextmanager
+def held_lines():
+    """Lines for stderr inside the block are written together at its end, in one write:
+    a catch-up reports thousands of grants. (The journal gets its entries one by one.)"""
+    global _held_lines
+    if _held_lines is not None:  # already inside one
+        yield
+        return
+    _held_lines = []
+    try:
+        yield
+    finally:
+        lines, _held_lines = _held_lines, None
+        if lines:
+            sys.stderr.write("".join(lines))
+            sys.stderr.flush()
 
 
 def _journal_output(identifier: str, fallback=None):

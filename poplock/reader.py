@@ -28,9 +28,9 @@ from poplock.errors import ConfigError, StoreBusyError, StoreError
 from poplock.follow import JournalFollower, Position
 from poplock.grants import grant_for_login, merge_grant
 from poplock.logins import NO_ADDRESS, Drift, Login, LoginParser, Unmatched, UnmatchedLogins
-from poplock.logs import iso_time, log_event, setup_logging
+from poplock.logs import held_lines, iso_time, log_event, setup_logging
 from poplock.sources import Source, build_sources
-from poplock.store import read_snapshot
+from poplock.store import lookup_metadata
 from poplock.storewriter import StoreWriter
 
 log = logging.getLogger("poplock.reader")
@@ -74,7 +74,7 @@ class Reader:
         """Load the committed cursor and position the follower just after it."""
         fallback = self.clock() - self.config.window
         try:
-            self.cursor = read_snapshot(self.config.store_path, busy_timeout=1.0).metadata.get(self._cursor_key)
+            self.cursor = lookup_metadata(self.config.store_path, self._cursor_key, busy_timeout=1.0)
         except StoreError as error:  # the first commit will deal with the store (storewriter.py)
             log_event(log, logging.ERROR, events.STORE_FAILED, "%s; resuming from the cursor file", error)
             self.cursor = None
@@ -147,30 +147,33 @@ class Reader:
         changes = []
         with self.writer.transaction() as transaction:
             transaction.metadata[self._cursor_key] = cursor
+            grants = transaction.grants
             for login, unit in logins:
                 if login.time + window <= now:
                     changes.append(("too-old", login, unit, None))
                     continue
                 # A timestamp ahead of our clock (another host's journal) must not stretch a grant.
                 new = grant_for_login(login.address, min(login.time, now), window, login.source)
-                old = transaction.grants.get(login.address)
-                merged = merge_grant(old, new)
-                transaction.grants[login.address] = merged
-                if merged == old:
-                    kind = "unchanged"  # an older or re-read login
-                elif old is None or not old.is_live(now):
-                    kind = "granted"
+                old = grants.get(login.address)
+                if old is None:
+                    kind, grant = "granted", new
                 else:
-                    kind = "extended"
-                changes.append((kind, login, unit, merged))
+                    grant = merge_grant(old, new)
+                    if grant == old:
+                        kind = "unchanged"  # an older or re-read login
+                    else:
+                        kind = "extended" if old.is_live(now) else "granted"
+                grants[login.address] = grant
+                changes.append((kind, login, unit, grant))
             self.grant_count = len(transaction.grants)
         self.cursor = cursor
         try:
             save_cursor(self.config.cursor_path, cursor)
         except OSError as error:  # the store holds the cursor; the file is only a second copy
             log.warning("cannot write the cursor file %s: %s", self.config.cursor_path, error)
-        for kind, login, unit, grant in changes:  # reported once committed
-            self._report(kind, login, unit, grant)
+        with held_lines():
+            for kind, login, unit, grant in changes:  # reported once committed
+                self._report(kind, login, unit, grant)
 
     def _report(self, kind: str, login: Login, unit: str | None, grant) -> None:
         if kind == "too-old":

@@ -91,6 +91,23 @@ def find_grant(snapshot, address: str, path: str) -> Grant | None:
         raise StoreError(f"{path}: {error}") from None
 
 
+def lookup_metadata(path: str, name: str, busy_timeout: float) -> str | None:
+    """One bookkeeping value of the published snapshot (None when absent or unreadable as text)."""
+    snapshot = open_snapshot(path, busy_timeout)
+    if snapshot is None:
+        return None
+    try:
+        value = snapshot.get((METADATA_PREFIX + name).encode())
+    except _gdbm.error as error:
+        raise StoreError(f"cannot read the grant store {path}: {error}") from None
+    finally:
+        snapshot.close()
+    try:
+        return value.decode() if value is not None else None
+    except UnicodeDecodeError:
+        return None
+
+
 class Snapshot:
     """Everything in one published file."""
 

@@ -142,7 +142,7 @@ class StoreWriter:
                 _write_changes(new_path, changes, generation)
             else:
                 self._changes_since_rewrite = 0
-                _write_afresh(new_path, transaction, current.undecodable, generation)
+                _write_afresh(new_path, transaction, current.undecodable, generation, changes)
             fd = os.open(new_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fchmod(fd, SNAPSHOT_MODE)
@@ -180,11 +180,15 @@ def _write_changes(path: str, changes: dict[bytes, bytes | None], generation: by
         snapshot.close()
 
 
-def _write_afresh(path: str, transaction: Transaction, undecodable: dict[bytes, bytes], generation: bytes) -> None:
+def _write_afresh(path: str, transaction: Transaction, undecodable: dict[bytes, bytes], generation: bytes,
+                  encoded: dict[bytes, bytes | None]) -> None:
+    """A new snapshot of everything; `encoded` has the changed grants' values already."""
     snapshot = _gdbm.open(path, "nf", SNAPSHOT_MODE)
     try:
         for address, grant in transaction.grants.items():
-            snapshot[address.encode()] = encode_grant(grant)
+            key = address.encode()
+            value = encoded.get(key)
+            snapshot[key] = value if value is not None else encode_grant(grant)
         for name, text in transaction.metadata.items():
             snapshot[(METADATA_PREFIX + name).encode()] = text.encode()
         for key, value in undecodable.items():

@@ -102,6 +102,21 @@ def test_the_reader_resumes_after_its_cursor_and_reads_nothing_twice(setup, jour
     assert list(grants(setup)) == ["192.0.2.51"]  # the removed grant stays removed
 
 
+def test_the_cursor_committed_with_the_grants_wins_over_an_older_cursor_file(setup, journal):
+    """A crash between publishing the store and writing the cursor file leaves the file behind."""
+    now = time.time()
+    write_journal_file(journal, [dovecot(login_line("192.0.2.52"), now - 100)])
+    setup.run_reader("--file", str(journal))
+    behind = setup.cursor.read_text()
+    write_journal_file(journal, [dovecot(login_line("192.0.2.53"), now - 80)])
+    setup.run_reader("--file", str(journal))
+    setup.cursor.write_text(behind)
+    setup.run("remove", "192.0.2.53", check=True)
+    result = setup.run_reader("--file", str(journal))
+    assert "192.0.2.53" not in result.stderr
+    assert list(grants(setup)) == ["192.0.2.52"]
+
+
 def test_the_position_survives_the_store_being_removed(setup, journal):
     now = time.time()
     write_journal_file(journal, [dovecot(login_line("192.0.2.55"), now - 100)])
