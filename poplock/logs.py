@@ -49,14 +49,21 @@ _event_outputs: list[tuple[int, object]] = []
 _held_lines: list[str] | None = None
 
 
+def _write_stderr(text: str) -> None:
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):  # stderr closed or gone (None): nowhere left to say it
+        pass
+
+
 def _stderr_output(identifier: str):
     def write(level: int, text: str, fields: dict) -> None:
         line = plain_line(identifier, level, text) + "\n"
         if _held_lines is not None:
             _held_lines.append(line)
-            return
-        sys.stderr.write(line)
-        sys.stderr.flush()
+        else:
+            _write_stderr(line)
     return write
 
 
@@ -74,8 +81,7 @@ def held_lines():
     finally:
         lines, _held_lines = _held_lines, None
         if lines:
-            sys.stderr.write("".join(lines))
-            sys.stderr.flush()
+            _write_stderr("".join(lines))
 
 
 def _journal_output(identifier: str, fallback=None):

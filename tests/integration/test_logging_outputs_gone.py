@@ -1,8 +1,9 @@
-"""poplock's programs when journald is not there: a socket file left by a stopped journald
-refuses every datagram, and a command or the reader must neither fail nor lose a line.
+"""poplock's programs when their log outputs are gone: journald not there (a socket file
+left by a stopped journald refuses every datagram), or standard error closed or broken.
+A command or the reader must neither fail nor lose a grant, and keeps what lines it can.
 
-Each program runs in a private mount namespace whose /run/systemd/journal is a fresh
-tmpfs, so the machine's own journald (running or not) plays no part.
+The journald cases run in a private mount namespace whose /run/systemd/journal is a
+fresh tmpfs, so the machine's own journald (running or not) plays no part.
 """
 
 import os
@@ -80,3 +81,24 @@ def test_a_service_whose_journal_refuses_writes_its_events_to_stderr(setup, tmp_
     granted = [line for line in read.stderr.splitlines() if "192.0.2.10" in line]
     assert granted and granted[0].startswith("poplock-reader: "), read.stderr
     assert setup.may_relay("192.0.2.10")
+
+
+def login_journal(directory, address: str):
+    journal = directory / "journal" / "remote.journal"
+    journal.parent.mkdir()
+    return write_journal_file(journal, [{
+        "__REALTIME_TIMESTAMP": int((time.time() - 10) * 1e6), "SYSLOG_IDENTIFIER": "dovecot", "_UID": 0,
+        "_PID": 801, "MESSAGE": f"pop3-login: Login: user=<alice>, method=PLAIN, rip={address}, "
+                                "lip=192.0.2.1, mpid=4242, session=<b7aS8S1hfbZ/AAAF>"}])
+
+
+@pytest.mark.parametrize("stderr", ["closed", "broken pipe"])
+def test_the_reader_grants_when_its_stderr_is_gone(setup, tmp_path, stderr):
+    journal = login_journal(tmp_path, "192.0.2.11")
+    redirect = '"$@" 2>&-' if stderr == "closed" else '"$@" 2>&1 | true'
+    read = subprocess.run(["sh", "-c", f"{redirect}; echo status=$?", "sh", command("poplock-reader"),
+                           "-c", str(setup.config), "--once", "--file", str(journal)],
+                          capture_output=True, text=True, timeout=60)
+    assert setup.may_relay("192.0.2.11")
+    if stderr == "closed":
+        assert read.stdout.strip() == "status=0"
