@@ -46,6 +46,15 @@ def run_without_journald(state: str, *argv: str, as_service: bool = False) -> su
     return completed
 
 
+def login_journal(directory, address: str):
+    journal = directory / "journal" / "remote.journal"
+    journal.parent.mkdir()
+    return write_journal_file(journal, [{
+        "__REALTIME_TIMESTAMP": int((time.time() - 10) * 1e6), "SYSLOG_IDENTIFIER": "dovecot", "_UID": 0,
+        "_PID": 801, "MESSAGE": f"pop3-login: Login: user=<alice>, method=PLAIN, rip={address}, "
+                                "lip=192.0.2.1, mpid=4242, session=<b7aS8S1hfbZ/AAAF>"}])
+
+
 @pytest.mark.parametrize("state", ["stale", "absent"])
 def test_the_cli_works_when_journald_is_gone(setup, state):
     added = run_without_journald(state, command("poplock"), "-c", str(setup.config), "add", "192.0.2.7")
@@ -68,12 +77,7 @@ def test_a_configuration_error_is_reported_when_journald_is_gone(setup):
 
 def test_a_service_whose_journal_refuses_writes_its_events_to_stderr(setup, tmp_path):
     """Under systemd the reader logs natively; with journald down its events still reach stderr."""
-    journal = tmp_path / "journal" / "remote.journal"
-    journal.parent.mkdir()
-    write_journal_file(journal, [{
-        "__REALTIME_TIMESTAMP": int((time.time() - 10) * 1e6), "SYSLOG_IDENTIFIER": "dovecot", "_UID": 0,
-        "_PID": 801, "MESSAGE": "pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.10, "
-                                "lip=192.0.2.1, mpid=4242, session=<b7aS8S1hfbZ/AAAF>"}])
+    journal = login_journal(tmp_path, "192.0.2.10")
     read = run_without_journald("stale", command("poplock-reader"), "-c", str(setup.config), "--once",
                                 "--file", str(journal), as_service=True)
     assert read.returncode == 0, read.stderr
@@ -81,15 +85,6 @@ def test_a_service_whose_journal_refuses_writes_its_events_to_stderr(setup, tmp_
     granted = [line for line in read.stderr.splitlines() if "192.0.2.10" in line]
     assert granted and granted[0].startswith("poplock-reader: "), read.stderr
     assert setup.may_relay("192.0.2.10")
-
-
-def login_journal(directory, address: str):
-    journal = directory / "journal" / "remote.journal"
-    journal.parent.mkdir()
-    return write_journal_file(journal, [{
-        "__REALTIME_TIMESTAMP": int((time.time() - 10) * 1e6), "SYSLOG_IDENTIFIER": "dovecot", "_UID": 0,
-        "_PID": 801, "MESSAGE": f"pop3-login: Login: user=<alice>, method=PLAIN, rip={address}, "
-                                "lip=192.0.2.1, mpid=4242, session=<b7aS8S1hfbZ/AAAF>"}])
 
 
 @pytest.mark.parametrize("stderr", ["closed", "broken pipe"])
