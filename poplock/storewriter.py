@@ -185,14 +185,14 @@ def _write_afresh(path: str, transaction: Transaction, undecodable: dict[bytes, 
     """A new snapshot of everything; `encoded` has the changed grants' values already."""
     snapshot = _gdbm.open(path, "nf", SNAPSHOT_MODE)
     try:
+        for key, value in undecodable.items():  # first: a grant written for the same key wins, as in a copy
+            snapshot[key] = value
         for address, grant in transaction.grants.items():
             key = address.encode()
             value = encoded.get(key)
             snapshot[key] = value if value is not None else encode_grant(grant)
         for name, text in transaction.metadata.items():
             snapshot[(METADATA_PREFIX + name).encode()] = text.encode()
-        for key, value in undecodable.items():
-            snapshot[key] = value
         snapshot[GENERATION_KEY] = generation
     finally:
         snapshot.close()

@@ -138,6 +138,21 @@ def test_values_this_version_cannot_read_are_kept_across_writes(tmp_path):
     check.close()
 
 
+@pytest.mark.parametrize("other_logins", [0, 1000])
+def test_a_new_grant_replaces_a_value_this_version_cannot_read(tmp_path, other_logins):
+    """Whether the snapshot is a copy with changes or (after many changes) written afresh, the new login wins."""
+    path = str(tmp_path / "grants.db")
+    seed = _gdbm.open(path, "n")
+    seed[b"192.0.2.9"] = b"2 some future format"
+    seed.close()
+    with StoreWriter(path).transaction() as transaction:
+        transaction.grants["192.0.2.9"] = grant("192.0.2.9")
+        for index in range(other_logins):
+            address = f"10.0.{index >> 8}.{index & 255}"
+            transaction.grants[address] = grant(address)
+    assert lookup_grant(path, "192.0.2.9", 0.02) == grant("192.0.2.9")
+
+
 def test_a_long_lived_writer_sees_what_other_writers_published_in_between(tmp_path):
     """poplock-reader keeps one writer; `poplock remove` and `poplock add` publish between its commits."""
     path = str(tmp_path / "grants.db")
