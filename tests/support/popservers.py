@@ -159,9 +159,20 @@ class _NamespacedServer(Service):
     namespace is this one.
     """
 
-    directory: Path
     _process: subprocess.Popen | None = None
     _namespace: str | None = None
+    # Whether it serves IMAP and the TLS ports besides plain POP3 (ports are taken for each).
+    FOUR_PORTS = True
+
+    def __init__(self, directory: Path, users: dict[str, str], *, host_names: dict[str, str] | None = None):
+        self.directory = directory
+        self.users = users
+        self.host_names = host_names or {}  # for the namespace's /etc/hosts, where a server resolves names
+        self.pop3_port = free_port()
+        if self.FOUR_PORTS:
+            self.pop3s_port = free_port()
+            self.imap_port = free_port()
+            self.imaps_port = free_port()
 
     def _spawn(self, binds: list[tuple[Path | str, str]], body: str) -> None:
         script = self.directory / "launch.sh"
@@ -255,14 +266,6 @@ class Courier(_NamespacedServer):
     ROOT = INSTALL_ROOT
     # The name Courier logs under for each port, as in Debian's /etc/courier files.
     IDENTIFIERS = ("pop3d", "pop3d-ssl", "imapd", "imapd-ssl")
-
-    def __init__(self, directory: Path, users: dict[str, str]):
-        self.directory = directory
-        self.users = users
-        self.pop3_port = free_port()
-        self.pop3s_port = free_port()
-        self.imap_port = free_port()
-        self.imaps_port = free_port()
 
     @staticmethod
     def storable_user_name(name: str) -> bool:
@@ -392,15 +395,6 @@ class Cyrus(_NamespacedServer):
 
     ROOT = INSTALL_ROOT
     SERVER_NAME = "mail.poplock.test"
-
-    def __init__(self, directory: Path, users: dict[str, str], *, host_names: dict[str, str] | None = None):
-        self.directory = directory
-        self.users = users
-        self.host_names = host_names or {}
-        self.pop3_port = free_port()
-        self.pop3s_port = free_port()
-        self.imap_port = free_port()
-        self.imaps_port = free_port()
 
     @staticmethod
     def storable_user_name(name: str) -> bool:
@@ -562,14 +556,6 @@ class Mailutils(_SystemUsers, _NamespacedServer):
 
     ROOT = INSTALL_ROOT
 
-    def __init__(self, directory: Path, users: dict[str, str]):
-        self.directory = directory
-        self.users = users
-        self.pop3_port = free_port()
-        self.pop3s_port = free_port()
-        self.imap_port = free_port()
-        self.imaps_port = free_port()
-
     def _config(self, program: str, plain_port: int, tls_port: int, extra: str) -> Path:
         d = self.directory
         certificate, key = self_signed_certificate(d)
@@ -641,12 +627,7 @@ class _InetdServer(_SystemUsers, _NamespacedServer):
 
     ROOT = INSTALL_ROOT
     PROGRAM: Path
-
-    def __init__(self, directory: Path, users: dict[str, str], *, host_names: dict[str, str] | None = None):
-        self.directory = directory
-        self.users = users
-        self.host_names = host_names or {}
-        self.pop3_port = free_port()
+    FOUR_PORTS = False
 
     def _prepare(self) -> list[tuple[Path, str]]:
         """Writes what the server needs besides the accounts; returns extra bind mounts."""
