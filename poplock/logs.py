@@ -12,24 +12,10 @@ import contextlib
 import datetime
 import functools
 import logging
-import os
 import sys
 
+from poplock.connection import JOURNAL_SOCKET, stderr_is_journal
 from poplock.events import Event
-
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
-
-
-def stderr_is_journal() -> bool:
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    device, _, inode = stream.partition(":")
-    if not (device.isdigit() and inode.isdigit()):
-        return False
-    try:
-        st = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
-    return (st.st_dev, st.st_ino) == (int(device), int(inode))
 
 
 def plain_line(identifier: str, level: int, text: str) -> str:
