@@ -106,10 +106,30 @@ def _netmask_length(mask: str) -> int:
     return length
 
 
+# The widest networks the static allow list takes. poplock exists to prevent an open
+# relay: an entry covering the whole internet (0.0.0.0/0, ::/0, ::ffff:0.0.0.0/96) or a
+# large share of it is a mistake, never obeyed. A /8 holds 10.0.0.0/8; private IPv6
+# ranges (unique local fc00::/7, link-local fe80::/10) may be listed whole.
+MIN_IPV4_PREFIX = 8
+MIN_IPV6_PREFIX = 16
+_PRIVATE_IPV6 = ((0xFC << 120, 7), (0xFE80 << 112, 10))
+
+
+def too_wide(network: Network) -> bool:
+    """The network covers too much of the internet to let it relay (see MIN_IPV4_PREFIX)."""
+    if network.bits == 32:
+        return network.prefix < MIN_IPV4_PREFIX
+    for base, prefix in _PRIVATE_IPV6:
+        if network.prefix >= prefix and network.base >> (128 - prefix) == base >> (128 - prefix):
+            return False
+    return network.prefix < MIN_IPV6_PREFIX
+
+
 def parse_allow_list(text: str, path: str) -> list[Network]:
     """The static allow list: one address or network per line, `#` starts a comment.
 
-    Raises ConfigError naming the file and line of every bad line.
+    Raises ConfigError naming the file and line of every bad line, and of every network
+    too wide to allow (too_wide).
     """
     networks = []
     problems = []
@@ -118,9 +138,16 @@ def parse_allow_list(text: str, path: str) -> list[Network]:
         if not entry:
             continue
         try:
-            networks.append(parse_network(entry))
+            network = parse_network(entry)
         except AddressError as error:
             problems.append(f"{path}:{number}: {error}; expected an address or network such as 192.168.0.0/24")
+            continue
+        if too_wide(network):
+            problems.append(f"{path}:{number}: {entry} covers too much of the internet to let it relay: that "
+                            f"would be an open relay (the widest allowed are /{MIN_IPV4_PREFIX} for IPv4 and "
+                            f"/{MIN_IPV6_PREFIX} for IPv6, or a private IPv6 range)")
+            continue
+        networks.append(network)
     if problems:
         raise ConfigError(problems)
     return networks

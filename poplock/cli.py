@@ -6,10 +6,13 @@
     poplock flush                    withdraw every grant
     poplock expire                   purge expired grants (poplock-expire.timer)
     poplock check ADDRESS            exit 0 if that client may relay now, 1 if not
+    poplock rebuild                  rebuild the store from the journal (done by itself when it is damaged)
     poplock scan [...]               print the logins the journal holds, touching nothing
     poplock config                   check the configuration and print it in effect
 
-Administrative changes are also logged to the journal with their MESSAGE_IDs.
+Administrative changes are also logged to the journal with their MESSAGE_IDs and the
+store's path, and poplock-reader replays them from there (changes.py): a store rebuilt
+from the journal keeps them. A command that changes a damaged store rebuilds it first.
 """
 
 from __future__ import annotations
@@ -27,9 +30,17 @@ from poplock.access import check_relay_in_files
 from poplock.addresses import load_allow_list, normalize_address
 from poplock.arguments import ArgumentParser, join_dash_values
 from poplock.config import SETTINGS, Config, load_config
-from poplock.errors import AddressError, ConfigError, JournalError, PoplockError, StoreBusyError, StoreError
-from poplock.grants import Grant, merge_grant, split_expired
-from poplock.logs import iso_time, log_event, setup_logging
+from poplock.errors import (
+    AddressError,
+    ConfigError,
+    JournalError,
+    PoplockError,
+    StoreBusyError,
+    StoreCorruptError,
+    StoreError,
+)
+from poplock.grants import MAX_GRANT_LENGTH, Grant, merge_grant, split_expired
+from poplock.logs import events_reach_the_journal, iso_time, log_event, setup_logging
 from poplock.store import read_snapshot
 from poplock.storewriter import StoreWriter
 from poplock.values import format_timespan, parse_timespan
@@ -51,8 +62,9 @@ def _timespan(text: str) -> float:
         seconds = parse_timespan(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    if seconds < 1:
-        raise argparse.ArgumentTypeError("must be at least 1s")
+    if not 1 <= seconds <= MAX_GRANT_LENGTH:
+        raise argparse.ArgumentTypeError(f"must be from 1s to {format_timespan(MAX_GRANT_LENGTH)} (for clients "
+                                         "that may always relay, use the static allow list)")
     return seconds
 
 
@@ -83,7 +95,12 @@ def _since(text: str) -> float:
 
 def command_show(config: Config, arguments) -> int:
     now = time.time()
-    grants = read_snapshot(config.store_path, config.busy_timeout).grants
+    try:
+        grants = read_snapshot(config.store_path, config.busy_timeout).grants
+    except StoreCorruptError as error:
+        error.hint = ("poplock-reader rebuilds it from the journal at its next commit; "
+                      "`poplock rebuild` does it now")
+        raise
     live, expired = split_expired(grants.values(), now)
     shown = sorted(live + (expired if arguments.all else []), key=lambda grant: grant.expires_at)
     networks = load_allow_list(config.static_allow_file)
@@ -97,7 +114,7 @@ def command_show(config: Config, arguments) -> int:
         return os.EX_OK
     rows = [("ADDRESS", "EXPIRES", "SOURCE", "LOGIN")]
     for grant in shown:
-        expires = iso_time(grant.expires_at) + ("" if grant.is_live(now) else " (expired)")
+        expires = iso_time(grant.expires_at) + _not_live(grant, now)
         rows.append((grant.address, expires, grant.source, iso_time(grant.login_at)))
     for network in networks:
         rows.append((str(network), "never (static)", "static-allowed", "-"))
@@ -110,47 +127,116 @@ def command_show(config: Config, arguments) -> int:
     return os.EX_OK
 
 
+def _not_live(grant: Grant, now: float) -> str:
+    if grant.is_live(now):
+        return ""
+    if grant.is_from_the_future(now):
+        return " (not valid: its login time is in the future; was the clock stepped back?)"
+    return " (expired)"
+
+
+def change_store(config: Config, change):
+    """`change(transaction)` in one store transaction, its result returned; a damaged store
+    is first rebuilt from the journal, so that a removal is never made to a partial view."""
+    writer = StoreWriter(config.store_path)
+    try:
+        with writer.transaction() as transaction:
+            return change(transaction)
+    except StoreCorruptError as error:
+        print(f"poplock: warning: {error}; rebuilding it from the journal", file=sys.stderr)
+        count = rebuild_store(config, error)
+        print(f"poplock: rebuilt {config.store_path} from the journal: {count} grants", file=sys.stderr)
+    with writer.transaction() as transaction:
+        return change(transaction)
+
+
+def rebuild_store(config: Config, error: Exception | None = None, *, directory: str | None = None,
+                  files: list[str] | None = None) -> int:
+    """The store built anew from the journal, as poplock-reader does it (reader.py); the grant count."""
+    from poplock.follow import JournalFollower
+    from poplock.reader import Reader, journal_matches
+    from poplock.sources import build_sources
+
+    all_sources = build_sources(config)
+    sources = [all_sources[name] for name in config.sources]
+    try:
+        follower = JournalFollower(journal_matches(config, sources), directory=directory, files=files)
+    except (OSError, ValueError) as failure:
+        raise JournalError(f"cannot open the journal to rebuild the store: {failure}") from None
+    try:
+        reader = Reader(config, sources, follower, StoreWriter(config.store_path), notify=lambda message: None)
+        reader.rebuild(error)
+        reader.process_available()
+    finally:
+        follower.close()
+    return reader.grant_count or 0
+
+
+def _warn_unless_journaled() -> None:
+    if not events_reach_the_journal():
+        print("poplock: warning: journald is not running, so this change is not in the journal: a rebuild of "
+              "the store will not know of it", file=sys.stderr)
+
+
 def command_add(config: Config, arguments) -> int:
     now = time.time()
     duration = arguments.duration if arguments.duration is not None else config.window
     new = Grant(arguments.address, int(now + duration), int(now), "manual")
-    with StoreWriter(config.store_path).transaction() as transaction:
-        grant = merge_grant(transaction.grants.get(arguments.address), new)
-        transaction.grants[arguments.address] = grant
+
+    def add(transaction):
+        transaction.grants[arguments.address] = merge_grant(transaction.grants.get(arguments.address), new, now)
+        return transaction.grants[arguments.address]
+
+    grant = change_store(config, add)
     log_event(log, logging.INFO, events.GRANT_ADDED, "granted %s until %s by hand", grant.address,
-              iso_time(grant.expires_at), address=grant.address, source="manual", expires=grant.expires_at)
+              iso_time(grant.expires_at), address=grant.address, source="manual", expires=grant.expires_at,
+              store=config.store_path)
+    _warn_unless_journaled()
     print(f"{grant.address} may relay until {iso_time(grant.expires_at)}")
     return os.EX_OK
 
 
 def command_remove(config: Config, arguments) -> int:
-    with StoreWriter(config.store_path).transaction() as transaction:
-        removed = transaction.grants.pop(arguments.address, None)
+    removed = change_store(config, lambda transaction: transaction.grants.pop(arguments.address, None))
     if removed is None:
         print(f"{arguments.address}: no grant to remove", file=sys.stderr)
         return EX_NOT_ALLOWED
     log_event(log, logging.INFO, events.GRANT_REMOVED, "removed the grant for %s", removed.address,
-              address=removed.address, source=removed.source)
+              address=removed.address, source=removed.source, store=config.store_path)
+    _warn_unless_journaled()
     print(f"removed the grant for {removed.address}")
     return os.EX_OK
 
 
 def command_flush(config: Config, arguments) -> int:
-    with StoreWriter(config.store_path).transaction() as transaction:
+    def flush(transaction):
         count = len(transaction.grants)
         transaction.grants.clear()
-    log_event(log, logging.INFO, events.GRANT_REMOVED, "removed all %d grants", count)
+        return count
+
+    count = change_store(config, flush)
+    log_event(log, logging.INFO, events.GRANTS_FLUSHED, "removed all %d grants", count, store=config.store_path)
+    _warn_unless_journaled()
     print(f"removed {count} grants")
+    return os.EX_OK
+
+
+def command_rebuild(config: Config, arguments) -> int:
+    count = rebuild_store(config, directory=arguments.directory, files=arguments.file)
+    print(f"rebuilt {config.store_path} from the journal: {count} grants")
     return os.EX_OK
 
 
 def command_expire(config: Config, arguments) -> int:
     now = time.time()
-    with StoreWriter(config.store_path).transaction() as transaction:
+
+    def purge(transaction):
         _, expired = split_expired(transaction.grants.values(), now)
         for grant in expired:
             del transaction.grants[grant.address]
-        remaining = len(transaction.grants)
+        return expired, len(transaction.grants)
+
+    expired, remaining = change_store(config, purge)
     for grant in expired:
         log_event(log, logging.INFO, events.GRANT_EXPIRED, "grant for %s expired at %s", grant.address,
                   iso_time(grant.expires_at), address=grant.address, source=grant.source,
@@ -168,6 +254,9 @@ def command_check(config: Config, arguments) -> int:
     elif decision.allowed:
         grant = decision.grant
         reason = f"grant until {iso_time(grant.expires_at)} ({grant.source} login at {iso_time(grant.login_at)})"
+    elif decision.grant.is_from_the_future(time.time()):
+        reason = (f"its grant's login time {iso_time(decision.grant.login_at)} is in the future "
+                  "(was the clock stepped back?); it allows nothing until the client logs in again")
     else:
         reason = f"its grant expired at {iso_time(decision.grant.expires_at)}"
     verdict = "may relay" if decision.allowed else "may not relay"
@@ -229,6 +318,7 @@ def command_config(config: Config, arguments) -> int:
     from poplock.sources import build_sources
 
     sources = build_sources(config)
+    load_allow_list(config.static_allow_file)  # what relaylock, the policy service and check read
     section = None
     for setting in SETTINGS:
         if setting.section != section:
@@ -292,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", parents=[common], help="exit 0 if ADDRESS may relay now, 1 if not")
     check.add_argument("address", type=_address, metavar="ADDRESS")
     check.set_defaults(run=command_check)
+
+    rebuild = commands.add_parser("rebuild", parents=[common],
+                                  help="build the store anew from the logins and changes in the journal")
+    where = rebuild.add_mutually_exclusive_group()
+    where.add_argument("-D", "--directory", help="read the journal files in DIR (as poplock-reader -D)")
+    where.add_argument("--file", action="append", metavar="FILE", help="read this journal file (repeatable)")
+    rebuild.set_defaults(run=command_rebuild)
 
     scan = commands.add_parser("scan", parents=[common], help="print the logins in the journal (changes nothing)")
     where = scan.add_mutually_exclusive_group()

@@ -12,6 +12,7 @@ left to poplock.sources and done only for the programs that read the journal.
 """
 
 from poplock.errors import ConfigError
+from poplock.grants import MAX_WINDOW
 from poplock.inifile import Assignment, read_config_files
 from poplock.values import parse_absolute_path, parse_boolean, parse_list, parse_timespan
 
@@ -20,8 +21,9 @@ DEFAULT_PATH = "/etc/poplock/poplock.conf"
 
 def _window(text: str) -> float:
     seconds = parse_timespan(text)
-    if seconds < 1:
-        raise ValueError("must be at least 1s")
+    if not 1 <= seconds <= MAX_WINDOW:
+        raise ValueError(f"must be from 1s to {MAX_WINDOW // 3600}h: a login lets its client relay for minutes "
+                         "or hours, and the static allow list is for clients that always may")
     return seconds
 
 
@@ -158,6 +160,7 @@ def load_config(path: str | None = None, sections: tuple[str, ...] | None = None
     items, problems = read_config_files(path or DEFAULT_PATH, required=path is not None)
     values = {setting.attribute: setting.parse(setting.default) for setting in SETTINGS}
     source_sections: dict[str, list[Assignment]] = {}
+    places: dict[str, str] = {}  # attribute -> where it was last set, for problems between settings
     sources_place = "the default"
     for item in items:
         section = item.section
@@ -184,10 +187,12 @@ def load_config(path: str | None = None, sections: tuple[str, ...] | None = None
         except ValueError as error:
             problems.append(f"{item.place}: [{section}] {item.key}={item.value}: {error}")
             continue
+        places[setting.attribute] = f"{item.place}: [{section}] {item.key}={item.value}"
         if setting.attribute == "sources":
             sources_place = item.place
     if sections is None:
         problems += _check_source_sections(source_sections)
+        problems += _check_distinct_files(values, places)
     if problems:
         raise ConfigError(problems)
     return Config(values, source_sections, sources_place)
@@ -201,6 +206,40 @@ def _check_source_sections(source_sections: dict[str, list[Assignment]]) -> list
                 suggestion = _suggest(item.key, SOURCE_KEYS)
                 problems.append(f"{item.place}: [Source:{name}] {item.key}: unknown setting{suggestion}")
     return problems
+
+
+# The files poplock writes or reads, by the setting that names them: no two may be the same
+# file, or one program's write destroys another's data (a cursor written over the store).
+_FILES = (
+    ("store_path", ("", ".lock", ".new")),
+    ("cursor_path", ("", ".new")),
+    ("static_allow_file", ("",)),
+)
+
+
+def _check_distinct_files(values: dict, places: dict) -> list[str]:
+    import posixpath  # full checks only (the reader and the CLI): relaylock never gets here
+
+    problems = []
+    reported = set()  # (attribute, attribute) pairs: one line per colliding pair of settings
+    seen: dict[str, tuple[str, str]] = {}  # normalized path -> (attribute, path as configured)
+    for attribute, suffixes in _FILES:
+        for suffix in suffixes:
+            path = values[attribute] + suffix
+            normal = posixpath.normpath(path)
+            if normal in seen and seen[normal][0] != attribute and (seen[normal][0], attribute) not in reported:
+                other, other_path = seen[normal]
+                reported.add((other, attribute))
+                where = places.get(attribute) or places.get(other) or f"the default {_key_of(attribute)}"
+                problems.append(f"{where}: {path} is also {other_path} ({_key_of(other)}); "
+                                "poplock's files must all be different")
+            seen.setdefault(normal, (attribute, path))
+    return problems
+
+
+def _key_of(attribute: str) -> str:
+    setting = next(setting for setting in SETTINGS if setting.attribute == attribute)
+    return f"[{setting.section}] {setting.key}"
 
 
 def _section_names() -> list[str]:

@@ -1,33 +1,14 @@
-"""The reader's journal position in a file of its own: an opaque journal cursor, replaced atomically.
+"""A copy of the reader's journal position in a file of its own, replaced atomically.
 
-The cursor is first committed inside the store snapshot together with the grants it
-covers (see reader.py); this file is written after that, and is what the reader
-resumes from when the store has no cursor (a new or removed store), so that old
-logins are not read again.
+The cursor is committed inside the store snapshot together with the grants it covers
+(see reader.py), and only that one is resumed from: a store without a cursor (new,
+removed or damaged) is rebuilt from the journal one window back. This file is written
+after each commit for people and tools that want to see where the reader is.
 """
 
 from __future__ import annotations
 
 import os
-
-
-class CursorFileError(ValueError):
-    """The cursor file exists but does not hold a cursor."""
-
-
-def load_cursor(path: str) -> str | None:
-    """The saved cursor, None when there is none yet; CursorFileError when unusable."""
-    try:
-        with open(path, encoding="ascii") as file:
-            text = file.read()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as error:
-        raise CursorFileError(f"{path}: cannot read the saved journal cursor: {error}") from None
-    cursor = text.strip()
-    if not cursor or "\n" in cursor or "=" not in cursor:
-        raise CursorFileError(f"{path}: does not hold a journal cursor")
-    return cursor
 
 
 def save_cursor(path: str, cursor: str) -> None:

@@ -3,7 +3,8 @@
 `journalctl MESSAGE_ID=<id>` finds every occurrence; the catalog file (catalog/poplock.catalog)
 explains each one. Data travels in POPLOCK_* fields, never only inside the text:
 POPLOCK_CLIENT_ADDRESS, POPLOCK_SOURCE (the login source), POPLOCK_SOURCE_UNIT (the
-unit the login entry came from), POPLOCK_EXPIRES (when a grant ends, ISO 8601).
+unit the login entry came from), POPLOCK_EXPIRES (when a grant ends, ISO 8601),
+POPLOCK_STORE (the store an administrative change was made to; changes.py replays them).
 
 No imports: relaylock uses these identifiers too.
 """
@@ -22,6 +23,7 @@ LOGIN_GRANTED = Event("login-granted", "94abcd90390d4937a29d2e5bcbac14f8", "A lo
 GRANT_EXTENDED = Event("grant-extended", "0f8cbd37fa004fa086298b51c32f4dec", "A new login extended a grant")
 GRANT_ADDED = Event("grant-added", "5df0f3db55ae4c64a84d7d653d22380e", "An administrator added a grant")
 GRANT_REMOVED = Event("grant-removed", "ecbec00bdae1438badd8459f38822a82", "An administrator removed grants")
+GRANTS_FLUSHED = Event("grants-flushed", "51595ec888d0411bb6926f34d4a4bd4a", "An administrator removed every grant")
 GRANT_EXPIRED = Event("grant-expired", "ebcf1832719e4426bf3b54e534e44ca9", "An expired grant was purged")
 LOGIN_TOO_OLD = Event("login-too-old", "5ca84ab46e1f4bf5a5dd75bad1e4f913",
                       "A login was read after its window had passed and granted nothing")
@@ -36,10 +38,12 @@ CURSOR_RESET = Event("cursor-reset", "f2d4fec3434d458b90f76f139179bc00",
 CONFIG_INVALID = Event("config-invalid", "2dd5657b83f7497e897541d487eef092", "The configuration is invalid")
 LOGIN_UNMATCHED = Event("login-unmatched", "53bd387c620d4c6bac4e1150fb3b0eae",
                         "A watched server logs login lines that no pattern reads")
+STORE_REBUILT = Event("store-rebuilt", "afd5c1a38dcf42c1bb5faa731dce9110",
+                      "The grant store was missing or damaged and was rebuilt from the journal")
 READER_STARTED = Event("reader-started", "1b303b18e6784ae4aaba2306d31fb1dc", "The reader started following the journal")
 
 EVENTS = (
-    LOGIN_GRANTED, GRANT_EXTENDED, GRANT_ADDED, GRANT_REMOVED, GRANT_EXPIRED, LOGIN_TOO_OLD,
-    RELAY_ALLOWED, RELAY_REFUSED, STORE_BUSY, STORE_FAILED, CURSOR_RESET, CONFIG_INVALID,
+    LOGIN_GRANTED, GRANT_EXTENDED, GRANT_ADDED, GRANT_REMOVED, GRANTS_FLUSHED, GRANT_EXPIRED, LOGIN_TOO_OLD,
+    RELAY_ALLOWED, RELAY_REFUSED, STORE_BUSY, STORE_FAILED, STORE_REBUILT, CURSOR_RESET, CONFIG_INVALID,
     LOGIN_UNMATCHED, READER_STARTED,
 )

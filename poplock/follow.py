@@ -100,6 +100,7 @@ class JournalFollower:
 
     def seek(self, cursor: str | None, fallback_realtime: float) -> str:
         """Position just after `cursor`, else at `fallback_realtime` (seconds); returns a Position."""
+        self._pending = False
         if cursor is not None:
             try:
                 self._reader.seek_cursor(cursor)
@@ -129,6 +130,21 @@ class JournalFollower:
             elif not reader._next():
                 return
             yield entry
+
+    def companion(self, matches: Iterable[str] | None) -> "JournalFollower":
+        """Another follower of the same journal (directory, files or the system's), with other matches."""
+        return JournalFollower(matches, directory=self.directory, files=self.files)
+
+    def earliest_time(self) -> float | None:
+        """When the oldest entry this journal still holds was written (seconds), None if it is empty."""
+        oldest = self.companion(None)
+        try:
+            oldest._reader.seek_head()
+            if not oldest._reader._next():
+                return None
+            return oldest._reader._get_realtime() / 1e6
+        finally:
+            oldest.close()
 
     def cursor(self) -> str | None:
         """The cursor of the entry last read, or None if the journal cannot give it."""

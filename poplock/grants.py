@@ -9,10 +9,20 @@ A newer login extends a grant; an older one (a late or replayed entry) never sho
 it. Expiry is checked when a grant is read, so an expired grant allows nothing even
 before `poplock expire` purges it.
 
+A grant is live only from its login time to its expiry. Times are absolute, so this is
+what keeps a clock step from lengthening a grant: a clock stepped back makes the login
+lie in the future, and a grant written while the clock ran ahead has a login time the
+corrected clock has not reached; both allow nothing (fail closed), and the next login
+replaces them. A grant longer than MAX_GRANT_LENGTH is not one poplock wrote (a
+damaged or forged value) and allows nothing either.
+
 Free of imports: relaylock decodes grants once per SMTP connection.
 """
 
 FORMAT_VERSION = b"1"
+
+MAX_WINDOW = 86400  # [Grants] Window: POP-before-SMTP windows are minutes to hours
+MAX_GRANT_LENGTH = 7 * 86400  # `poplock add --for`, and the longest grant that can be live
 
 
 class Grant:
@@ -25,7 +35,11 @@ class Grant:
         self.source = source
 
     def is_live(self, now: float) -> bool:
-        return now < self.expires_at
+        return self.login_at <= now < self.expires_at and self.expires_at - self.login_at <= MAX_GRANT_LENGTH
+
+    def is_from_the_future(self, now: float) -> bool:
+        """Its login time has not come yet: the clock was stepped back since it was written."""
+        return self.login_at > now
 
     def _fields(self):
         return (self.address, self.expires_at, self.login_at, self.source)
@@ -50,12 +64,15 @@ def grant_for_login(address: str, login_at: float, window: float, source: str) -
     return Grant(address, login + int(window), login, source)
 
 
-def merge_grant(existing: Grant | None, new: Grant) -> Grant:
-    """The grant that results from `new` arriving while `existing` is stored.
+def merge_grant(existing: Grant | None, new: Grant, now: float) -> Grant:
+    """The grant that results from `new` arriving at `now` while `existing` is stored.
 
-    The later expiry always wins; the login time and source follow the newer login.
+    The later expiry always wins; the login time and source follow the newer login. An
+    existing grant whose login lies in the future (the clock was stepped back) or that is
+    longer than any grant can be is replaced: it must not outlive its window.
     """
-    if existing is None:
+    if existing is None or existing.is_from_the_future(now) or \
+            existing.expires_at - existing.login_at > MAX_GRANT_LENGTH:
         return new
     newer = new if new.login_at >= existing.login_at else existing
     return Grant(new.address, max(existing.expires_at, new.expires_at), newer.login_at, newer.source)
@@ -76,7 +93,7 @@ def decode_grant(address: str, value: bytes) -> Grant:
 
 
 def split_expired(grants, now: float) -> tuple[list[Grant], list[Grant]]:
-    """(live, expired) grants at `now`."""
+    """(live, expired) grants at `now`; a grant that cannot be live (see is_live) counts as expired."""
     live, expired = [], []
     for grant in grants:
         (live if grant.is_live(now) else expired).append(grant)

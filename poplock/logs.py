@@ -80,7 +80,13 @@ def _journal_output(identifier: str, fallback=None):
         except OSError:  # journald restarting, stopped, or its queue full: never fail the caller
             if fallback is not None:
                 fallback(level, text, fields)
+    write.is_journal = True
     return write
+
+
+def events_reach_the_journal() -> bool:
+    """setup_logging() found journald: events logged now leave a journal entry."""
+    return any(getattr(write, "is_journal", False) for _, write in _event_outputs)
 
 
 def journal_reachable() -> bool:
@@ -165,7 +171,10 @@ def setup_logging(identifier: str, level: int = logging.INFO, *, stderr_level: i
 
 @functools.lru_cache(maxsize=4096)  # a catch-up logs thousands of grants within the same seconds
 def _iso_second(second: int) -> str:
-    return datetime.datetime.fromtimestamp(second).astimezone().isoformat(timespec="seconds")
+    try:
+        return datetime.datetime.fromtimestamp(second).astimezone().isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):  # a damaged value, far outside datetime's years
+        return f"@{second}"
 
 
 def iso_time(seconds: float) -> str:
@@ -175,7 +184,7 @@ def iso_time(seconds: float) -> str:
 
 def log_event(logger: logging.Logger, level: int, event: Event, message: str, *args,
               address: str | None = None, source: str | None = None, unit: str | None = None,
-              expires: float | None = None) -> None:
+              expires: float | None = None, store: str | None = None) -> None:
     """Log one event with its MESSAGE_ID and POPLOCK_* fields (fields reach the journal only)."""
     fields = {"MESSAGE_ID": event.message_id, "POPLOCK_EVENT": event.name}
     if address is not None:
@@ -186,6 +195,8 @@ def log_event(logger: logging.Logger, level: int, event: Event, message: str, *a
         fields["POPLOCK_SOURCE_UNIT"] = unit
     if expires is not None:
         fields["POPLOCK_EXPIRES"] = iso_time(expires)
+    if store is not None:
+        fields["POPLOCK_STORE"] = store
     if not _event_outputs:  # logging not set up by a program (a library caller): plain logging
         logger.log(level, message, *args, extra=fields)
         return

@@ -22,16 +22,17 @@ from collections.abc import Callable
 
 from poplock import events
 from poplock.arguments import ArgumentParser
+from poplock.changes import Change, apply_change, parse_change
 from poplock.config import Config, load_config
-from poplock.cursor import CursorFileError, load_cursor, save_cursor
-from poplock.errors import ConfigError, StoreBusyError, StoreError
+from poplock.cursor import save_cursor
+from poplock.errors import ConfigError, StoreBusyError, StoreCorruptError, StoreError
 from poplock.follow import JournalFollower, Position
-from poplock.grants import grant_for_login, merge_grant
+from poplock.grants import MAX_GRANT_LENGTH, Grant, grant_for_login, merge_grant
 from poplock.logins import NO_ADDRESS, Drift, Login, LoginParser, Unmatched, UnmatchedLogins
 from poplock.logs import held_lines, iso_time, log_event, setup_logging
 from poplock.sources import Source, build_sources
-from poplock.store import lookup_metadata
-from poplock.storewriter import StoreWriter
+from poplock.store import lookup_metadata, salvage_snapshot
+from poplock.storewriter import StoreWriter, store_writers
 
 log = logging.getLogger("poplock.reader")
 
@@ -48,11 +49,20 @@ def _notify(message: str) -> None:
     daemon.notify(message)
 
 
+class CursorMoved(Exception):
+    """Another writer (`poplock rebuild`) committed another position for this reader."""
+
+    def __init__(self, cursor: str | None):
+        super().__init__(cursor)
+        self.cursor = cursor
+
+
 class Reader:
     """The reader loop, with its I/O handed in: a follower, a store writer, a clock, sd_notify."""
 
     def __init__(self, config: Config, sources: list[Source], follower: JournalFollower, writer: StoreWriter,
-                 *, clock: Callable[[], float] = time.time, notify: Callable[[str], None] = _notify):
+                 *, clock: Callable[[], float] = time.time, notify: Callable[[str], None] = _notify,
+                 change_uids: frozenset[int] | None = None):
         self.config = config
         self.sources = sources
         self.parser = LoginParser(sources)
@@ -61,9 +71,14 @@ class Reader:
         self.writer = writer
         self.clock = clock
         self.notify = notify
+        # Who may make the administrative changes replayed from the journal (changes.py).
+        self.change_uids = change_uids if change_uids is not None else store_writers(config.store_path)
         self.cursor: str | None = None
         self.grant_count: int | None = None
         self.last_login: Login | None = None
+        # While rebuilding: the grants to start from, and whether the damaged store is replaced.
+        self._initial: dict[str, Grant] | None = None
+        self._replace = False
 
     @property
     def _cursor_key(self) -> str:
@@ -71,21 +86,25 @@ class Reader:
         return "cursor:" + self.config.cursor_path
 
     def restore_position(self) -> None:
-        """Load the committed cursor and position the follower just after it."""
+        """Load the committed cursor and position the follower just after it.
+
+        Without one (a new, removed or damaged store) the reader starts one window back:
+        the journal holds every login of the window, so the grants come back.
+        """
         fallback = self.clock() - self.config.window
         try:
             self.cursor = lookup_metadata(self.config.store_path, self._cursor_key, busy_timeout=1.0)
-        except StoreError as error:  # the first commit will deal with the store (storewriter.py)
-            log_event(log, logging.ERROR, events.STORE_FAILED, "%s; resuming from the cursor file", error)
-            self.cursor = None
-        try:
-            if self.cursor is None:  # a new, removed or unreadable store: the cursor file remembers
-                self.cursor = load_cursor(self.config.cursor_path)
-        except CursorFileError as error:
-            log_event(log, logging.WARNING, events.CURSOR_RESET, "%s; starting one window back, at %s",
-                      error, iso_time(fallback))
-            self.cursor = None
-            self.follower.seek(None, fallback)
+        except StoreError as error:
+            self.rebuild(error)
+            return
+        if self.cursor is None:
+            if not os.path.exists(self.config.store_path):
+                self._start_over(replace=False, manual_history=True)
+                log.info("no saved journal position; starting one window back, at %s", iso_time(fallback))
+            else:
+                self._start_over(replace=False, manual_history=False)
+                log.info("no saved journal position in the store; starting one window back, at %s",
+                         iso_time(fallback))
             return
         position = self.follower.seek(self.cursor, fallback)
         if position == Position.RESUMED:
@@ -97,30 +116,92 @@ class Reader:
             log_event(log, logging.WARNING, events.CURSOR_RESET,
                       "the journal does not know the saved cursor; starting one window back, at %s",
                       iso_time(fallback))
+
+    def rebuild(self, error: Exception | None = None) -> None:
+        """Start building the store anew from the journal; the next commit replaces it.
+
+        `error` says why (a damaged store); None for a rebuild asked for by hand.
+        """
+        since = iso_time(self.clock() - self.config.window)
+        if error is not None:
+            log_event(log, logging.ERROR, events.STORE_REBUILT, "%s; rebuilding it from the journal since %s",
+                      error, since)
         else:
-            log.info("no saved journal position; starting one window back, at %s", iso_time(fallback))
+            log_event(log, logging.INFO, events.STORE_REBUILT, "rebuilding the grant store from the journal since %s",
+                      since)
+        self._start_over(replace=True, manual_history=True, salvage=error is not None)
+
+    def _start_over(self, *, replace: bool, manual_history: bool, salvage: bool = False) -> None:
+        """Position one window back, with what the journal holds from before that."""
+        now = self.clock()
+        window_start = now - self.config.window
+        initial: dict[str, Grant] = {}
+        earliest = self.follower.earliest_time()
+        if earliest is not None and earliest > window_start:
+            log.warning("the journal begins at %s, after the start of the window (%s): logins before then cannot "
+                        "be read again%s", iso_time(earliest), iso_time(window_start),
+                        "; keeping the grants still readable from the old store that are older" if salvage else "")
+        if salvage:  # what the journal cannot account for, kept from the damaged store
+            for address, grant in salvage_snapshot(self.config.store_path).grants.items():
+                if grant.is_live(now) and (earliest is None or grant.login_at < earliest):
+                    initial[address] = grant
+        if manual_history:  # `poplock add --for` may outlast the window: replay older changes too
+            history = self.follower.companion([f"POPLOCK_STORE={self.config.store_path}"])
+            try:
+                history.seek(None, now - MAX_GRANT_LENGTH)
+                for entry in history.read(BATCH):
+                    change = parse_change(entry, self.config.store_path, self.change_uids)
+                    if change is not None:
+                        if change.time >= window_start:
+                            break
+                        apply_change(initial, change, now)
+            finally:
+                history.close()
+        self._initial = initial
+        self._replace = replace
+        self.cursor = None
+        self.follower.seek(None, window_start)
 
     def process_available(self) -> int:
         """Read, grant and checkpoint every entry available now; returns how many were read."""
         total = 0
         while True:
-            logins, last_cursor, count = self._read_batch()
-            if count == 0 or last_cursor is None:
+            items, last_cursor, count = self._read_batch()
+            if count == 0 and self._initial is None:
                 return total
-            self._commit(logins, last_cursor)
+            try:
+                self._commit(items, last_cursor)
+            except CursorMoved as moved:  # `poplock rebuild` ran: go on from where it stopped
+                log.info("the store was rebuilt by another program; continuing from its journal position")
+                self.cursor = moved.cursor
+                if moved.cursor is None:
+                    self._start_over(replace=False, manual_history=False)
+                else:
+                    self.follower.seek(moved.cursor, self.clock() - self.config.window)
+                continue
+            except StoreCorruptError as error:
+                self.rebuild(error)
+                continue
             total += count
             if count < BATCH:
                 return total
 
-    def _read_batch(self) -> tuple[list[tuple[Login, str | None]], str | None, int]:
-        logins = []
+    def _read_batch(self) -> tuple[list, str | None, int]:
+        """(logins and administrative changes in journal order, the last entry's cursor, entries read)."""
+        items: list = []
         count = 0
+        store_path = self.config.store_path
         for entry in self.follower.read(BATCH):
             count += 1
             try:
+                if entry.get("POPLOCK_STORE") is not None:
+                    change = parse_change(entry, store_path, self.change_uids)
+                    if change is not None:
+                        items.append(change)
+                    continue
                 found = self.parser.examine(entry)
                 if isinstance(found, Login):
-                    logins.append((found, entry.get("_SYSTEMD_UNIT")))
+                    items.append((found, entry.get("_SYSTEMD_UNIT")))
                     self.unmatched.login(found)
                 elif isinstance(found, Unmatched):
                     drift = self.unmatched.add(found)
@@ -130,7 +211,7 @@ class Reader:
                 log.exception("skipping a journal entry that could not be read or parsed")
         for drift in self.unmatched.due(self.clock()):
             self._warn_drift(drift)
-        return logins, self.follower.cursor() if count else None, count
+        return items, self.follower.cursor() if count else self.cursor, count
 
     def _warn_drift(self, drift: Drift) -> None:
         since = f"the last login read was at {iso_time(drift.last_login)}" if drift.last_login else \
@@ -141,14 +222,27 @@ class Reader:
         log_event(log, logging.WARNING, events.LOGIN_UNMATCHED, "%s logged %s since %s: %s; %s. The latest: %s",
                   drift.source, lines, iso_time(drift.first), what, since, drift.last.message, source=drift.source)
 
-    def _commit(self, logins: list[tuple[Login, str | None]], cursor: str) -> None:
+    def _commit(self, items: list, cursor: str | None) -> None:
         now = self.clock()
         window = self.config.window
         changes = []
-        with self.writer.transaction() as transaction:
-            transaction.metadata[self._cursor_key] = cursor
+        rebuilt = self._initial is not None
+        replaced = self._replace
+        with self.writer.transaction(replace=self._replace) as transaction:
             grants = transaction.grants
-            for login, unit in logins:
+            if rebuilt:
+                for address, grant in self._initial.items():
+                    grants[address] = merge_grant(grants.get(address), grant, now)
+            elif transaction.metadata.get(self._cursor_key) != self.cursor:
+                raise CursorMoved(transaction.metadata.get(self._cursor_key))
+            if cursor is not None:
+                transaction.metadata[self._cursor_key] = cursor
+            for item in items:
+                if isinstance(item, Change):
+                    if apply_change(grants, item, now):
+                        log.debug("replayed from the journal: %s %s", item.kind, item.address or "every grant")
+                    continue
+                login, unit = item
                 if login.time + window <= now:
                     changes.append(("too-old", login, unit, None))
                     continue
@@ -158,7 +252,7 @@ class Reader:
                 if old is None:
                     kind, grant = "granted", new
                 else:
-                    grant = merge_grant(old, new)
+                    grant = merge_grant(old, new, now)
                     if grant == old:
                         kind = "unchanged"  # an older or re-read login
                     else:
@@ -166,11 +260,17 @@ class Reader:
                 grants[login.address] = grant
                 changes.append((kind, login, unit, grant))
             self.grant_count = len(transaction.grants)
+        self._initial = None
+        self._replace = False
+        if replaced:
+            log_event(log, logging.INFO, events.STORE_REBUILT, "rebuilt the grant store %s from the journal: "
+                      "%d grants", self.config.store_path, self.grant_count)
         self.cursor = cursor
-        try:
-            save_cursor(self.config.cursor_path, cursor)
-        except OSError as error:  # the store holds the cursor; the file is only a second copy
-            log.warning("cannot write the cursor file %s: %s", self.config.cursor_path, error)
+        if cursor is not None:
+            try:
+                save_cursor(self.config.cursor_path, cursor)
+            except OSError as error:  # the store holds the cursor; the file is only a second copy
+                log.warning("cannot write the cursor file %s: %s", self.config.cursor_path, error)
         with held_lines():
             for kind, login, unit, grant in changes:  # reported once committed
                 self._report(kind, login, unit, grant)
@@ -292,6 +392,12 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
     return os.EX_OK
 
 
+def journal_matches(config: Config, sources: list[Source]) -> list[str]:
+    """What the reader reads: the sources' entries and the administrative changes to its store."""
+    return [match for source in sources for match in source.journal_matches()] + [
+        f"POPLOCK_STORE={config.store_path}"]
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
         prog="poplock-reader",
@@ -317,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         _notify(f"STATUS=invalid configuration: {error.problems[0]}")
         return os.EX_CONFIG
     sources = [all_sources[name] for name in config.sources]
-    matches = [match for source in sources for match in source.journal_matches()]
+    matches = journal_matches(config, sources)
     try:
         follower = JournalFollower(matches, directory=arguments.directory, files=arguments.file)
     except (OSError, ValueError) as error:

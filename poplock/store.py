@@ -12,6 +12,15 @@ How one writer and many readers share it (LMDB-style):
   * Keys are canonical addresses; values are grants (grants.py). Keys starting with "#"
     hold bookkeeping published in the same snapshot, such as poplock-reader's journal
     cursor, so that grants and the position they cover are committed together.
+  * Damage is detected, never read as fewer grants: each snapshot records its number
+    of entries under "#count", and a whole-store read (show, remove, flush, a writer's
+    load) that finds another number, or that gdbm reports as needing recovery, raises
+    StoreCorruptError. gdbm's firstkey/nextkey end early without an error on a damaged
+    file, so counting is the only way to tell. Lookups of one key (relaylock, the
+    policy service) go on answering from what is readable and fail closed on errors.
+  * The journal is the source of truth and the store a view of it: a store that is
+    missing or damaged is rebuilt from the journal, one window back (reader.py), not
+    emptied; manual grants and removals are replayed from their journal entries.
   * gdbm's own lock is exclusive between a writer and readers: opening with
     GDBM_READER fails with EAGAIN while anything has that file open for writing.
     poplock's writers never open a published snapshot for writing, so a reader meets
@@ -34,6 +43,8 @@ METADATA_PREFIX = "#"
 # Random for each published snapshot, which tells a writer whether the file is still the
 # one it published (storewriter.py).
 GENERATION_KEY = b"#generation"
+# How many other keys the snapshot holds, so that a whole-store read tells damage from an end.
+COUNT_KEY = b"#count"
 
 _EAGAIN = 11
 _ENOENT = 2
@@ -121,30 +132,67 @@ class Snapshot:
 
 
 def read_snapshot(path: str, busy_timeout: float) -> Snapshot:
-    """Every entry of the published snapshot (empty when there is none yet)."""
+    """Every entry of the published snapshot (empty when there is none yet).
+
+    StoreCorruptError when the file is damaged: fewer entries readable than it holds.
+    """
     snapshot = open_snapshot(path, busy_timeout)
-    result = Snapshot({}, {}, {})
     if snapshot is None:
-        return result
+        return Snapshot({}, {}, {})
     try:
-        key = snapshot.firstkey()
-        while key is not None:
-            value = snapshot[key]
-            if key == GENERATION_KEY:
-                result.generation = value
-                key = snapshot.nextkey(key)
-                continue
-            try:
-                name = key.decode()
-                if name.startswith(METADATA_PREFIX):
-                    result.metadata[name[len(METADATA_PREFIX):]] = value.decode()
-                else:
-                    result.grants[name] = decode_grant(name, value)
-            except (UnicodeDecodeError, GrantDecodeError):
-                result.undecodable[key] = value
-            key = snapshot.nextkey(key)
-    except _gdbm.error as error:
-        raise StoreError(f"cannot read the grant store {path}: {error}") from None
+        result, count, expected = _read_entries(snapshot)
+        if expected is None:  # written before "#count": gdbm's own check must do
+            len(snapshot)
+        elif count != expected:
+            raise StoreCorruptError(f"the grant store {path} is damaged: {count} of its {expected} entries "
+                                    "are readable")
+    except (_gdbm.error, KeyError) as error:  # KeyError: a key listed whose value cannot be found
+        raise StoreCorruptError(f"the grant store {path} is damaged: {error}") from None
     finally:
         snapshot.close()
     return result
+
+
+def salvage_snapshot(path: str) -> Snapshot:
+    """What can still be read of a damaged snapshot, as far as gdbm gets; never raises."""
+    try:
+        snapshot = open_snapshot(path, busy_timeout=0)
+    except StoreError:
+        return Snapshot({}, {}, {})
+    if snapshot is None:
+        return Snapshot({}, {}, {})
+    try:
+        return _read_entries(snapshot, partial := Snapshot({}, {}, {}))[0]
+    except (_gdbm.error, KeyError):
+        return partial
+    finally:
+        snapshot.close()
+
+
+def _read_entries(snapshot, result: Snapshot | None = None) -> tuple[Snapshot, int, int | None]:
+    """(entries, how many keys were read besides "#count", the count the snapshot records)."""
+    result = result if result is not None else Snapshot({}, {}, {})
+    count = 0
+    expected = None
+    key = snapshot.firstkey()
+    while key is not None:
+        value = snapshot[key]
+        if key == COUNT_KEY:
+            expected = int(value) if value.isdigit() else -1
+            key = snapshot.nextkey(key)
+            continue
+        count += 1
+        if key == GENERATION_KEY:
+            result.generation = value
+            key = snapshot.nextkey(key)
+            continue
+        try:
+            name = key.decode()
+            if name.startswith(METADATA_PREFIX):
+                result.metadata[name[len(METADATA_PREFIX):]] = value.decode()
+            else:
+                result.grants[name] = decode_grant(name, value)
+        except (UnicodeDecodeError, GrantDecodeError):
+            result.undecodable[key] = value
+        key = snapshot.nextkey(key)
+    return result, count, expected

@@ -13,6 +13,13 @@ writer that published the current snapshot itself (same generation, same file) r
 what it holds in memory instead of reading the file back. After as many changed keys as
 the store holds, a snapshot is written afresh, which keeps the file compact.
 
+If writing into the copy fails (the published file is damaged, or the disk is full),
+the snapshot is written afresh from what the writer holds, which was read whole and
+checked; if that fails too, the commit fails with StoreError and the old snapshot stays.
+A damaged published snapshot makes a transaction raise StoreCorruptError: the caller
+rebuilds the store from the journal (reader.py) and publishes it with replace=True,
+which keeps the damaged file as PATH.damaged-TIME for a post-mortem.
+
 The snapshot belongs to the owner and group of the store's directory, mode 0640, so
 that a root `poplock add` leaves a file the reader daemon and the SMTP side can read.
 """
@@ -28,9 +35,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from poplock.errors import StoreBusyError, StoreCorruptError, StoreError
+from poplock.errors import StoreBusyError, StoreError
 from poplock.grants import Grant, encode_grant
-from poplock.store import GENERATION_KEY, METADATA_PREFIX, Snapshot, open_snapshot, read_snapshot
+from poplock.store import COUNT_KEY, GENERATION_KEY, METADATA_PREFIX, Snapshot, open_snapshot, read_snapshot
 
 log = logging.getLogger("poplock.store")
 
@@ -56,38 +63,50 @@ class StoreWriter:
         self._changes_since_rewrite = 0
 
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """Lock, load, let the caller change the grants, publish if anything changed."""
+    def transaction(self, *, replace: bool = False) -> Iterator[Transaction]:
+        """Lock, load, let the caller change the grants, publish if anything changed.
+
+        `replace`: start from nothing instead of the published snapshot (which may be
+        damaged: it is not read) and publish the result afresh, keeping the old file
+        as PATH.damaged-TIME. Raises StoreCorruptError when the published snapshot is
+        damaged and `replace` is not given.
+        """
         lock_fd = self._lock()
         try:
-            current = self._load()
+            current = Snapshot({}, {}, {}) if replace else self._load()
             transaction = Transaction(dict(current.grants), dict(current.metadata))
             yield transaction
             changes = _changed_keys(current, transaction)
-            if changes:
-                self._publish(transaction, current, changes)
+            if changes or replace:
+                self._publish(transaction, current, changes, replace=replace)
         finally:
             os.close(lock_fd)  # releases the flock
 
     def _lock(self) -> int:
         directory = os.path.dirname(self.path) or "."
+        lock_path = self.path + ".lock"
         try:
-            fd = os.open(self.path + ".lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, LOCK_MODE)
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, LOCK_MODE)
         except OSError as error:
-            raise StoreError(f"cannot open the store lock {self.path}.lock: {error.strerror}") from None
-        self._give_to_directory_owner(fd, directory)
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise StoreBusyError(
-                        f"another writer held {self.path}.lock for more than {self.lock_timeout:.0f}s"
-                    ) from None
-                time.sleep(0.002)
+            raise StoreError(f"cannot open the store lock {lock_path}: {error.strerror}") from None
+        try:
+            self._give_to_directory_owner(fd, directory)
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreBusyError(
+                            f"another writer held {lock_path} for more than {self.lock_timeout:.0f}s") from None
+                    time.sleep(0.002)
+        except OSError as error:
+            os.close(fd)
+            raise StoreError(f"cannot lock the store lock {lock_path}: {error.strerror}") from None
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _load(self) -> Snapshot:
         """The current snapshot: the one this writer published, if the file is still that one."""
@@ -96,13 +115,7 @@ class StoreWriter:
         self._published = None
         self._changes_since_rewrite = 0
         # Read afresh: another writer has published since (or this one never did).
-        try:
-            snapshot = read_snapshot(self.path, busy_timeout=1.0)
-        except StoreCorruptError as error:
-            aside = f"{self.path}.corrupt-{int(time.time())}"
-            os.replace(self.path, aside)
-            log.error("%s; moved it aside to %s and started an empty store", error, aside)
-            return Snapshot({}, {}, {})
+        snapshot = read_snapshot(self.path, busy_timeout=1.0)
         if snapshot.undecodable:
             log.warning("%s: %d entries this version cannot read are kept as they are",
                         self.path, len(snapshot.undecodable))
@@ -114,35 +127,32 @@ class StoreWriter:
         try:
             if _identity(os.stat(self.path)) != identity:
                 return False
-        except OSError:
+            snapshot = open_snapshot(self.path, busy_timeout=1.0)
+        except (OSError, StoreError):
             return False
-        snapshot = open_snapshot(self.path, busy_timeout=1.0)
         if snapshot is None:
             return False
         try:
             return snapshot.get(GENERATION_KEY) == published.generation
+        except _gdbm.error:
+            return False
         finally:
             snapshot.close()
 
-    def _publish(self, transaction: Transaction, current: Snapshot, changes: dict[bytes, bytes | None]) -> None:
+    def _publish(self, transaction: Transaction, current: Snapshot, changes: dict[bytes, bytes | None],
+                 *, replace: bool) -> None:
         directory = os.path.dirname(self.path) or "."
         new_path = self.path + ".new"
         generation = os.urandom(8).hex().encode()
+        count = _count(transaction, current.undecodable)
         self._changes_since_rewrite += len(changes)
-        rewrite = self._changes_since_rewrite >= max(REWRITE_AFTER, len(transaction.grants))
+        rewrite = replace or self._changes_since_rewrite >= max(REWRITE_AFTER, len(transaction.grants))
         try:
             if os.path.lexists(new_path):
                 os.unlink(new_path)  # left by a writer that crashed; we hold the lock
-            published = None if rewrite else open_snapshot(self.path, busy_timeout=1.0)
-            if published is not None:
-                try:  # copied under gdbm's read lock: no program can be writing it in place
-                    shutil.copyfile(self.path, new_path)
-                finally:
-                    published.close()
-                _write_changes(new_path, changes, generation)
-            else:
+            if rewrite or not self._write_into_copy(new_path, changes, generation, count):
                 self._changes_since_rewrite = 0
-                _write_afresh(new_path, transaction, current.undecodable, generation, changes)
+                _write_afresh(new_path, transaction, current.undecodable, generation, changes, count)
             fd = os.open(new_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fchmod(fd, SNAPSHOT_MODE)
@@ -151,13 +161,41 @@ class StoreWriter:
                 identity = _identity(os.fstat(fd))
             finally:
                 os.close(fd)
+            if replace and os.path.lexists(self.path):
+                aside = f"{self.path}.damaged-{int(time.time())}"
+                if not os.path.lexists(aside):
+                    os.link(self.path, aside)  # the old file, kept for a post-mortem
             os.replace(new_path, self.path)
             _fsync_directory(directory)
         except OSError as error:
             self._published = None
-            raise StoreError(f"cannot write the grant store {self.path}: {error}") from None
+            _remove_quietly(new_path)
+            raise StoreError(f"cannot write the grant store {self.path}: {_describe(error)}") from None
         self._published = (identity, Snapshot(dict(transaction.grants), dict(transaction.metadata),
                                               current.undecodable, generation))
+
+    def _write_into_copy(self, new_path: str, changes: dict[bytes, bytes | None], generation: bytes,
+                         count: int) -> bool:
+        """PATH.new as a copy of the published file with `changes` written in; False if that failed."""
+        try:
+            published = open_snapshot(self.path, busy_timeout=1.0)
+        except StoreError as error:
+            log.warning("%s; writing the new snapshot afresh", error)
+            return False
+        if published is None:
+            return False
+        try:  # copied under gdbm's read lock: no program can be writing it in place
+            shutil.copyfile(self.path, new_path)
+        finally:
+            published.close()
+        try:
+            _write_changes(new_path, changes, generation, count)
+        except OSError as error:  # _gdbm.error too: a damaged copy, or the disk is full
+            log.warning("cannot write the changes into a copy of %s (%s); writing the new snapshot afresh",
+                        self.path, _describe(error))
+            _remove_quietly(new_path)
+            return False
+        return True
 
     @staticmethod
     def _give_to_directory_owner(fd: int, directory: str) -> None:
@@ -167,7 +205,15 @@ class StoreWriter:
         os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
-def _write_changes(path: str, changes: dict[bytes, bytes | None], generation: bytes) -> None:
+def store_writers(path: str) -> frozenset[int]:
+    """The users who can write the store at `path`: root and the owner of its directory."""
+    try:
+        return frozenset({0, os.stat(os.path.dirname(path) or ".").st_uid})
+    except OSError:
+        return frozenset({0})
+
+
+def _write_changes(path: str, changes: dict[bytes, bytes | None], generation: bytes, count: int) -> None:
     snapshot = _gdbm.open(path, "w")
     try:
         for key, value in changes.items():
@@ -176,12 +222,13 @@ def _write_changes(path: str, changes: dict[bytes, bytes | None], generation: by
             elif key in snapshot:
                 del snapshot[key]
         snapshot[GENERATION_KEY] = generation
+        snapshot[COUNT_KEY] = b"%d" % count
     finally:
         snapshot.close()
 
 
 def _write_afresh(path: str, transaction: Transaction, undecodable: dict[bytes, bytes], generation: bytes,
-                  encoded: dict[bytes, bytes | None]) -> None:
+                  encoded: dict[bytes, bytes | None], count: int) -> None:
     """A new snapshot of everything; `encoded` has the changed grants' values already."""
     snapshot = _gdbm.open(path, "nf", SNAPSHOT_MODE)
     try:
@@ -194,12 +241,41 @@ def _write_afresh(path: str, transaction: Transaction, undecodable: dict[bytes, 
         for name, text in transaction.metadata.items():
             snapshot[(METADATA_PREFIX + name).encode()] = text.encode()
         snapshot[GENERATION_KEY] = generation
+        snapshot[COUNT_KEY] = b"%d" % count
     finally:
         snapshot.close()
 
 
+def _count(transaction: Transaction, undecodable: dict[bytes, bytes]) -> int:
+    """How many keys the new snapshot holds besides "#count" (store.py's damage check)."""
+    kept = 0
+    for key in undecodable:  # those a grant or bookkeeping value now replaces are gone
+        try:
+            name = key.decode()
+        except UnicodeDecodeError:
+            kept += 1
+            continue
+        replaced = name[len(METADATA_PREFIX):] in transaction.metadata if name.startswith(METADATA_PREFIX) \
+            else name in transaction.grants
+        kept += not replaced
+    return len(transaction.grants) + len(transaction.metadata) + kept + 1  # + "#generation"
+
+
 def _identity(status: os.stat_result) -> tuple:
     return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _describe(error: OSError) -> str:
+    """The error with the file it concerns, e.g. "Read-only file system: /var/lib/poplock/grants.db.new"."""
+    text = error.strerror or str(error)
+    return f"{text}: {error.filename}" if error.filename else text
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _changed_keys(before: Snapshot, after: Transaction) -> dict[bytes, bytes | None]:

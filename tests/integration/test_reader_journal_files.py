@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from support.journald import write_journal_file
 
+from poplock.storewriter import StoreWriter
+
 WINDOW = 1800
 
 
@@ -71,7 +73,8 @@ def test_a_login_read_after_its_window_has_passed_grants_nothing(setup, journal)
         dovecot(login_line("192.0.2.30"), now - WINDOW - 60),
         dovecot(login_line("192.0.2.31"), now - WINDOW + 120),
     ])
-    setup.cursor.write_text(_cursor_of_first_entry(journal) + "\n")  # the reader was down since then
+    with StoreWriter(str(setup.store)).transaction() as transaction:  # the reader was down since then
+        transaction.metadata[f"cursor:{setup.cursor}"] = _cursor_of_first_entry(journal)
     result = setup.run_reader("--file", str(journal))
     assert list(grants(setup)) == ["192.0.2.31"]
     assert "login from 192.0.2.30" in result.stderr and "older than the window" in result.stderr
@@ -117,14 +120,18 @@ def test_the_cursor_committed_with_the_grants_wins_over_an_older_cursor_file(set
     assert list(grants(setup)) == ["192.0.2.52"]
 
 
-def test_the_position_survives_the_store_being_removed(setup, journal):
+def test_a_removed_store_is_rebuilt_from_the_logins_of_the_window(setup, journal):
     now = time.time()
-    write_journal_file(journal, [dovecot(login_line("192.0.2.55"), now - 100)])
+    write_journal_file(journal, [dovecot(login_line("192.0.2.54"), now - WINDOW - 60),
+                                 dovecot(login_line("192.0.2.55"), now - 100)])
     setup.run_reader("--file", str(journal))
-    setup.store.unlink()  # an admin starting over; the cursor file still knows where the reader was
+    before = grants(setup)
+    setup.store.unlink()  # lost; the cursor file is only a copy of the position, not of the grants
     write_journal_file(journal, [dovecot(login_line("192.0.2.56"), now - 50)])
     setup.run_reader("--file", str(journal))
-    assert list(grants(setup)) == ["192.0.2.56"]
+    after = grants(setup)
+    assert sorted(after) == ["192.0.2.55", "192.0.2.56"]
+    assert after["192.0.2.55"] == before["192.0.2.55"]
 
 
 def test_after_a_vacuum_removed_the_saved_entry_the_reader_continues_with_the_next_one(setup, tmp_path):
@@ -140,13 +147,14 @@ def test_after_a_vacuum_removed_the_saved_entry_the_reader_continues_with_the_ne
     assert sorted(grants(setup)) == ["192.0.2.60", "192.0.2.61"]
 
 
-def test_an_unreadable_cursor_file_starts_over_one_window_back(setup, journal):
+def test_the_cursor_file_is_a_copy_the_reader_never_resumes_from(setup, journal):
     now = time.time()
     write_journal_file(journal, [dovecot(login_line("192.0.2.70"), now - 100)])
     setup.cursor.write_text("garbage without any structure")
     result = setup.run_reader("--file", str(journal))
-    assert "does not hold a journal cursor; starting one window back" in result.stderr
+    assert "no saved journal position; starting one window back" in result.stderr
     assert list(grants(setup)) == ["192.0.2.70"]
+    assert setup.cursor.read_text().startswith("s=")  # written anew after the commit
 
 
 def test_a_cursor_from_another_journal_starts_one_window_back(setup, journal):

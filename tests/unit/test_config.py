@@ -72,9 +72,31 @@ def test_a_configuration_file_named_on_the_command_line_must_exist(tmp_path):
         load_config(str(tmp_path / "missing.conf"))
 
 
-def test_a_window_shorter_than_a_second_is_refused(tmp_path):
-    main = write(tmp_path / "poplock.conf", "[Grants]\nWindow=500ms\n")
-    with pytest.raises(ConfigError, match="at least 1s"):
+@pytest.mark.parametrize("window", ["500ms", "25h", "60y", "2100y", "10000y"])
+def test_a_window_outside_one_second_to_a_day_is_refused_with_its_place(tmp_path, window):
+    # 60y once seeked before 1970 and granted nothing, 2100y crashed the reader, 10000y the CLI.
+    main = write(tmp_path / "poplock.conf", f"[Grants]\nWindow={window}\n")
+    with pytest.raises(ConfigError, match=rf":2: \[Grants\] Window={window}: must be from 1s to 24h"):
+        load_config(str(main))
+
+
+@pytest.mark.parametrize("cursor", ["{store}", "{store}.lock", "{store}.new", "{directory}//grants.db"])
+def test_a_cursor_file_that_is_one_of_the_store_files_is_refused(tmp_path, cursor):
+    # It once was accepted, and every commit then wrote the cursor over the store.
+    store = f"{tmp_path}/grants.db"
+    cursor = cursor.format(store=store, directory=tmp_path)
+    main = write(tmp_path / "poplock.conf", f"[Store]\nPath={store}\n[Reader]\nCursorPath={cursor}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(main))
+    assert raised.value.problems == [
+        f"{main}:4: [Reader] CursorPath={cursor}: {cursor} is also {store}{cursor.rpartition('grants.db')[2]} "
+        "([Store] Path); poplock's files must all be different"]
+
+
+def test_a_static_allow_file_that_is_the_store_is_refused(tmp_path):
+    main = write(tmp_path / "poplock.conf", "[Grants]\nStaticAllowFile=/var/lib/poplock/grants.db\n")
+    with pytest.raises(ConfigError, match=r":2: \[Grants\] StaticAllowFile=/var/lib/poplock/grants.db: "
+                                          r"/var/lib/poplock/grants.db is also"):
         load_config(str(main))
 
 

@@ -1,6 +1,7 @@
 import pytest
 
 from poplock.grants import (
+    MAX_GRANT_LENGTH,
     Grant,
     GrantDecodeError,
     decode_grant,
@@ -27,26 +28,26 @@ def test_a_grant_is_live_until_the_second_it_expires():
 def test_a_newer_login_extends_a_grant():
     old = grant_for_login("192.0.2.7", LOGIN_AT, 1800, "dovecot")
     new = grant_for_login("192.0.2.7", LOGIN_AT + 600, 1800, "courier")
-    assert merge_grant(old, new) == Grant("192.0.2.7", LOGIN_AT + 2400, LOGIN_AT + 600, "courier")
+    assert merge_grant(old, new, LOGIN_AT + 600) == Grant("192.0.2.7", LOGIN_AT + 2400, LOGIN_AT + 600, "courier")
 
 
 def test_an_older_login_never_shortens_a_grant():
     current = grant_for_login("192.0.2.7", LOGIN_AT + 600, 1800, "dovecot")
     late = grant_for_login("192.0.2.7", LOGIN_AT, 1800, "courier")
-    assert merge_grant(current, late) == current
+    assert merge_grant(current, late, LOGIN_AT + 600) == current
 
 
 def test_a_longer_grant_by_hand_is_not_shortened_by_a_later_login():
     by_hand = Grant("192.0.2.7", LOGIN_AT + 7200, LOGIN_AT, "manual")
     login = grant_for_login("192.0.2.7", LOGIN_AT + 60, 1800, "dovecot")
-    merged = merge_grant(by_hand, login)
+    merged = merge_grant(by_hand, login, LOGIN_AT + 60)
     assert merged.expires_at == LOGIN_AT + 7200
     assert (merged.login_at, merged.source) == (LOGIN_AT + 60, "dovecot")
 
 
 def test_re_reading_the_same_login_changes_nothing():
     grant = grant_for_login("192.0.2.7", LOGIN_AT, 1800, "dovecot")
-    assert merge_grant(grant, grant_for_login("192.0.2.7", LOGIN_AT, 1800, "dovecot")) == grant
+    assert merge_grant(grant, grant_for_login("192.0.2.7", LOGIN_AT, 1800, "dovecot"), LOGIN_AT) == grant
 
 
 def test_grants_are_stored_as_small_versioned_text():
@@ -65,3 +66,31 @@ def test_expired_and_live_grants_are_told_apart_at_a_given_time():
     live = Grant("192.0.2.1", LOGIN_AT + 10, LOGIN_AT, "dovecot")
     expired = Grant("192.0.2.2", LOGIN_AT - 10, LOGIN_AT - 1810, "dovecot")
     assert split_expired([live, expired], LOGIN_AT) == ([live], [expired])
+
+
+# Clock steps: expiry is an absolute time, so a grant must also not be live before its login.
+
+def test_a_clock_stepped_back_a_day_does_not_keep_a_grant_for_a_day_more():
+    grant = grant_for_login("192.0.2.7", LOGIN_AT, 1800, "dovecot")
+    assert not grant.is_live(LOGIN_AT - 86400 + 60)
+    assert grant.is_from_the_future(LOGIN_AT - 86400 + 60)
+
+
+def test_a_grant_written_while_the_clock_ran_a_year_ahead_allows_nothing_once_it_is_corrected():
+    ahead = grant_for_login("192.0.2.7", LOGIN_AT + 365 * 86400, 1800, "dovecot")
+    assert not ahead.is_live(LOGIN_AT)
+    assert split_expired([ahead], LOGIN_AT) == ([], [ahead])  # `poplock expire` purges it
+
+
+def test_a_login_after_the_clock_was_stepped_back_replaces_the_grant_from_the_future():
+    ahead = grant_for_login("192.0.2.7", LOGIN_AT + 86400, 1800, "dovecot")
+    login = grant_for_login("192.0.2.7", LOGIN_AT, 1800, "dovecot")
+    merged = merge_grant(ahead, login, LOGIN_AT)
+    assert merged == login and merged.is_live(LOGIN_AT)
+
+
+def test_a_grant_longer_than_any_poplock_writes_allows_nothing_and_is_replaced_by_a_login():
+    damaged = Grant("192.0.2.7", LOGIN_AT + MAX_GRANT_LENGTH + 1, LOGIN_AT, "dovecot")
+    assert not damaged.is_live(LOGIN_AT + 1)
+    login = grant_for_login("192.0.2.7", LOGIN_AT + 1, 1800, "dovecot")
+    assert merge_grant(damaged, login, LOGIN_AT + 1) == login
