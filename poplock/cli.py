@@ -96,11 +96,16 @@ def _since(text: str) -> float:
 def command_show(config: Config, arguments) -> int:
     now = time.time()
     try:
-        grants = read_snapshot(config.store_path, config.busy_timeout).grants
+        snapshot = read_snapshot(config.store_path, config.busy_timeout)
     except StoreCorruptError as error:
         error.hint = ("poplock-reader rebuilds it from the journal at its next commit; "
                       "`poplock rebuild` does it now")
         raise
+    grants = snapshot.grants
+    if snapshot.undecodable:
+        print(f"poplock: warning: {config.store_path} holds {len(snapshot.undecodable)} entries this version "
+              "cannot read (another format, or damage), not shown: "
+              + ", ".join(repr(key)[1:] for key in list(snapshot.undecodable)[:5]), file=sys.stderr)
     live, expired = split_expired(grants.values(), now)
     shown = sorted(live + (expired if arguments.all else []), key=lambda grant: grant.expires_at)
     networks = load_allow_list(config.static_allow_file)

@@ -103,7 +103,7 @@ class StoreWriter:
                     time.sleep(0.002)
         except OSError as error:
             os.close(fd)
-            raise StoreError(f"cannot lock the store lock {lock_path}: {error.strerror}") from None
+            raise StoreError(f"cannot take the store lock {lock_path}: {error.strerror}") from None
         except BaseException:
             os.close(fd)
             raise
