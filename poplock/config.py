@@ -107,11 +107,14 @@ SETTINGS = (
     Setting("Policy", "LogRefused", "policy_log_refused", parse_boolean, "no",
             "Log every DUNNO answer too (Postfix asks for local recipients as well, so this is verbose)."),
     Setting("Policy", "RequestTimeout", "policy_request_timeout", _positive_timespan, "10s",
-            "A connection that starts a request and does not finish it within this is closed."),
+            "Each request must arrive whole within this, from its first byte; else the connection is closed."),
     Setting("Policy", "IdleTimeout", "policy_idle_timeout", _positive_timespan, "10min",
-            "A connection that sends nothing for this long is closed (Postfix itself closes after 300s)."),
+            "A connection that sends nothing for this long between requests is closed (Postfix closes after 300s)."),
     Setting("Policy", "MaxConnections", "policy_max_connections", _connection_count, "500",
-            "At most this many connections at once; more are closed at once (Postfix then answers its default)."),
+            "At most this many connections at once; a new one beyond them closes the one idle longest."),
+    Setting("Policy", "MaxConnectionsPerPeer", "policy_max_connections_per_peer", _connection_count, "300",
+            "At most this many from one IP address (unix socket: one user); beyond, that peer's one idle longest "
+            "is closed."),
 )
 
 # [Source:NAME] sections: how poplock finds and trusts one POP3/IMAP server's log entries.

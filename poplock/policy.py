@@ -9,9 +9,10 @@ relay now (a live grant or the static allow list), DUNNO otherwise, so Postfix g
 to reject_unauth_destination. Its own failures (a store it cannot read, a malformed,
 oversized or slow request) give DUNNO or a closed connection, never OK.
 
-Sockets come from systemd (poplock-policy.socket, Accept=no) or from --listen. One
-process serves every smtpd connection at once with asyncio; each connection holds at
-most one unfinished request in memory, and their number is capped.
+It is three parts: poplock.service (sockets from systemd or --listen, connection
+limits, deadlines, rate-limited warnings), the policy protocol codec
+(poplock.policyprotocol) and the decision (poplock.access.check_relay). This module
+holds the decision's side: the store and allow list it reads, and main().
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
-import socket
-import stat
 import sys
 import time
 
@@ -30,15 +28,13 @@ from poplock.access import check_relay
 from poplock.addresses import Network, load_allow_list, normalize_address
 from poplock.arguments import ArgumentParser
 from poplock.config import Config, load_config
-from poplock.errors import AddressError, ConfigError, PoplockError, ProtocolError, StoreBusyError
-from poplock.logs import log_event, setup_logging, unix_socket_answers
+from poplock.errors import AddressError, ConfigError, PoplockError, StoreBusyError
+from poplock.logs import log_event, setup_logging
 from poplock.policyprotocol import DUNNO, RequestBuffer, format_reply
+from poplock.service import Limits, Service, Warnings, listening_sockets, raise_open_file_limit, serve
 from poplock.store import find_grant, open_snapshot
 
 log = logging.getLogger("poplock.policy")
-
-READ_SIZE = 65536
-ERROR_REPORT_INTERVAL = 60.0
 
 
 class Snapshots:
@@ -88,31 +84,34 @@ def _identity(path: str):
     return (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
 
 
-class PolicyService:
-    def __init__(self, config: Config, clock=time.time):
+class PolicyHandler:
+    """The policy service's side of poplock.service: a codec per connection, an answer per request."""
+
+    def __init__(self, config: Config, warnings: Warnings, clock=time.time):
         self.config = config
         self.snapshots = Snapshots(config)
+        self.warnings = warnings
         self.clock = clock
-        self.connections = 0
         self.decisions = 0
         self.allowed = 0
-        self._reported: dict[str, float] = {}  # error text -> when it was last logged
+        self._replies = {DUNNO: format_reply(DUNNO), config.policy_action: format_reply(config.policy_action)}
 
-    def _should_report(self, problem: str) -> bool:
-        """The same trouble is logged at most once a minute: Postfix asks many times a second."""
-        now = time.monotonic()
-        if now - self._reported.get(problem, -ERROR_REPORT_INTERVAL) < ERROR_REPORT_INTERVAL:
-            return False
-        self._reported = {text: when for text, when in self._reported.items() if now - when < ERROR_REPORT_INTERVAL}
-        self._reported[problem] = now
-        return True
+    def decoder(self) -> RequestBuffer:
+        return RequestBuffer()
+
+    def answer(self, request) -> bytes:
+        """The reply to one request: DUNNO to one that cannot be read (the service logs why)."""
+        if request.problem is not None:
+            return self._replies[DUNNO]
+        return self._replies[self.action_for(request.attributes)]
 
     def action_for(self, attributes: dict[str, str]) -> str:
         """The action for one well-formed request; DUNNO on any trouble of ours."""
         try:
             address = normalize_address(attributes["client_address"])
         except AddressError:
-            log.warning("client_address %r is not an address; answering DUNNO", attributes["client_address"])
+            self.warnings.warn("not an address", "client_address %r is not an address; answering DUNNO",
+                               attributes["client_address"][:60])
             return DUNNO
         try:
             decision = check_relay(address, self.clock(), self.snapshots.networks(), self.snapshots.grant)
@@ -123,9 +122,11 @@ class PolicyService:
                 event = events.STORE_BUSY
             else:
                 event = events.STORE_FAILED
-            if self._should_report(str(error)):
-                log_event(log, logging.ERROR, event, "cannot decide for %s, answering DUNNO: %s", address, error,
-                          address=address)
+            # The same trouble is logged at most once a minute: Postfix asks many times a second.
+            left_out = self.warnings.admit(str(error), logging.ERROR, event.name)
+            if left_out is not None:
+                log_event(log, logging.ERROR, event, "cannot decide for %s, answering DUNNO: %s%s", address, error,
+                          self.warnings.suffix(left_out), address=address)
             self.snapshots.close()
             return DUNNO
         self.decisions += 1
@@ -140,96 +141,6 @@ class PolicyService:
                   "no relay for %s: %s", address,
                   "its grant expired" if decision.grant else "no grant", address=address)
         return DUNNO
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.connections >= self.config.policy_max_connections:
-            log.warning("already %d connections; closing a new one", self.connections)
-            writer.close()
-            return
-        self.connections += 1
-        buffer = RequestBuffer()
-        try:
-            while True:
-                timeout = self.config.policy_request_timeout if buffer.in_request else self.config.policy_idle_timeout
-                data = await asyncio.wait_for(reader.read(READ_SIZE), timeout)
-                if not data:
-                    return
-                replies = []
-                for request in buffer.feed(data):
-                    if request.problem is not None:
-                        log.warning("answering DUNNO to a request I cannot read: %s", request.problem)
-                        replies.append(format_reply(DUNNO))
-                    else:
-                        replies.append(format_reply(self.action_for(request.attributes)))
-                if replies:
-                    writer.write(b"".join(replies))
-                    await writer.drain()
-        except TimeoutError:
-            log.info("closing a connection that %s", "sent half a request and stalled" if buffer.in_request
-                     else "stayed idle")
-        except ProtocolError as error:
-            log.warning("closing a connection: %s", error)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.connections -= 1
-            writer.close()
-
-
-def listening_sockets(listen: list[str]) -> list[socket.socket]:
-    """Sockets from systemd socket activation, else from --listen HOST:PORT or PATH."""
-    if not listen:
-        from systemd import daemon
-
-        return [socket.socket(fileno=fd) for fd in daemon.listen_fds()]
-    sockets = []
-    for where in listen:
-        if where.startswith("/"):
-            if os.path.exists(where) and stat.S_ISSOCK(os.lstat(where).st_mode):
-                if unix_socket_answers(where, socket.SOCK_STREAM):
-                    raise OSError(f"{where}: another process is listening there")
-                os.unlink(where)  # a socket left by an earlier run; any other file is an error below
-            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            unix.bind(where)
-            os.chmod(where, 0o666)
-            unix.listen(128)
-            sockets.append(unix)
-            continue
-        host, _, port = where.rpartition(":")
-        host = host.strip("[]") or "127.0.0.1"
-        if not port.isdigit():
-            raise ConfigError([f"--listen {where}: expected HOST:PORT or an absolute socket path"])
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server = socket.socket(family, socket.SOCK_STREAM)
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind((host, int(port)))
-        server.listen(128)
-        sockets.append(server)
-    return sockets
-
-
-async def run(service: PolicyService, sockets: list[socket.socket]) -> None:
-    from systemd import daemon
-
-    servers = []
-    for listener in sockets:
-        listener.setblocking(False)
-        if listener.family == socket.AF_UNIX:
-            servers.append(await asyncio.start_unix_server(service.serve, sock=listener, limit=READ_SIZE))
-        else:
-            servers.append(await asyncio.start_server(service.serve, sock=listener, limit=READ_SIZE))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    names = ", ".join(str(listener.getsockname()) for listener in sockets)
-    daemon.notify(f"READY=1\nSTATUS=answering Postfix on {names}")
-    log.info("answering Postfix policy requests on %s", names)
-    await stop.wait()
-    daemon.notify("STOPPING=1")
-    for server in servers:
-        server.close()
-    log.info("stopping after %d decisions (%d allowed)", service.decisions, service.allowed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     if not sockets:
         log.error("no socket to listen on: start me from poplock-policy.socket or give --listen")
         return os.EX_USAGE
-    asyncio.run(run(PolicyService(config), sockets))
+    limits = Limits(config.policy_request_timeout, config.policy_idle_timeout, config.policy_max_connections,
+                    config.policy_max_connections_per_peer, section="Policy")
+    raise_open_file_limit(limits)
+    warnings = Warnings(log, time.monotonic)
+    handler = PolicyHandler(config, warnings)
+    asyncio.run(serve(Service(handler, limits, warnings), sockets, "answering Postfix policy requests"))
+    log.info("stopping after %d decisions (%d allowed)", handler.decisions, handler.allowed)
     return os.EX_OK
 
 

@@ -6,6 +6,9 @@ time. RequestBuffer takes bytes as they arrive and hands back complete requests;
 holds at most MAX_REQUEST_BYTES of an unfinished one, so a peer cannot grow the
 service's memory. A request that is malformed gets DUNNO, never OK; a peer that sends
 more than that without ending its request is a ProtocolError (close the connection).
+
+This is the codec of poplock-policy: bytes to requests, actions to bytes. It never
+touches a socket or a clock; poplock.service owns the connections and their bounds.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ class Request:
         self.problem = problem
 
 
+EMPTY_REQUEST = Request({}, "empty request")  # a lone empty line; one object however many arrive
+
+
 class RequestBuffer:
+    """The decoder of one connection (the interface poplock.service expects of a codec)."""
+
+    __slots__ = ("max_request_bytes", "_pending")
+
     def __init__(self, max_request_bytes: int = MAX_REQUEST_BYTES):
         self.max_request_bytes = max_request_bytes
         self._pending = b""
@@ -40,40 +50,50 @@ class RequestBuffer:
 
     def feed(self, data: bytes) -> list[Request]:
         """The requests that `data` completes, in order. ProtocolError if one grows too big."""
-        text = self._pending + data if self._pending else data
+        pending = self._pending
+        if pending:
+            text = pending + data
+            scan = len(pending) - 1  # the part already searched holds no end, but may hold its first "\n"
+        else:
+            text = data
+            scan = 0
         requests = []
         start = 0
+        limit = self.max_request_bytes
         while True:
             if text.startswith(b"\n", start):  # a request with no attributes at all
-                requests.append(Request({}, "empty request"))
+                requests.append(EMPTY_REQUEST)
                 start += 1
+                scan = start
                 continue
-            end = text.find(b"\n\n", start)
+            end = text.find(b"\n\n", scan)
             if end < 0:
                 break
-            if end - start > self.max_request_bytes:
-                raise ProtocolError(f"request larger than {self.max_request_bytes} bytes")
+            if end - start > limit:
+                raise ProtocolError(f"request larger than {limit} bytes")
             requests.append(parse_request(text[start:end]))
-            start = end + 2
-        self._pending = text[start:]
-        if len(self._pending) > self.max_request_bytes:
-            raise ProtocolError(f"request larger than {self.max_request_bytes} bytes")
+            start = scan = end + 2
+        self._pending = text[start:] if start else text
+        if len(self._pending) > limit:
+            raise ProtocolError(f"request larger than {limit} bytes")
         return requests
 
 
 def parse_request(block: bytes) -> Request:
     """The lines of one request, without the empty line that ends it."""
-    lines = block.split(b"\n")
+    lines = block.decode("utf-8", "replace").split("\n")
     if len(lines) > MAX_ATTRIBUTES:
         return Request({}, f"more than {MAX_ATTRIBUTES} attributes")
-    attributes = {}
-    for line in lines:
-        name, equals, value = line.partition(b"=")
-        if not equals or not name:
-            return Request({}, f"not a name=value line: {line[:60]!r}")
-        attributes[name.decode("ascii", "replace")] = value.decode("utf-8", "replace")
-    if attributes.get("request") != "smtpd_access_policy":
-        return Request(attributes, f"not an smtpd_access_policy request: {attributes.get('request')!r}")
+    try:
+        attributes = dict([line.split("=", 1) for line in lines])
+    except ValueError:  # a line without "="
+        attributes = {"": ""}
+    if "" in attributes:
+        bad = next(line for line in lines if not line.partition("=")[0] or "=" not in line)
+        return Request({}, f"not a name=value line: {bad[:60]!r}")
+    request = attributes.get("request")
+    if request != "smtpd_access_policy":
+        return Request(attributes, f"not an smtpd_access_policy request: {request!r}")
     if not attributes.get("client_address"):
         return Request(attributes, "no client_address")
     return Request(attributes)

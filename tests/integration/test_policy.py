@@ -43,11 +43,16 @@ class Client:
         return self.reply()
 
     def closed_by_peer(self, timeout: float) -> bool:
+        """The service closes the connection within `timeout` seconds (False: it stays open)."""
         self.socket.settimeout(timeout)
         try:
             return self.socket.recv(4096) == b""
         except ConnectionResetError:
             return True
+        except TimeoutError:
+            return False
+        finally:
+            self.socket.settimeout(10)
 
     def close(self) -> None:
         self.socket.close()
@@ -113,6 +118,28 @@ def test_a_client_that_stalls_half_way_is_closed_after_the_request_timeout(servi
     assert client.closed_by_peer(10)
     assert time.monotonic() - started < 5
     assert "sent half a request and stalled" in service.output()
+
+
+def test_the_request_timeout_bounds_each_request_not_the_connection(service):
+    client = connect(service)
+    started = time.monotonic()
+    answers = []
+    while time.monotonic() - started < 1.5:  # three times RequestTimeout=500ms, one request at a time
+        answers.append(client.ask("192.0.2.7"))
+        time.sleep(0.05)  # between requests: idle time, which IdleTimeout bounds
+    assert set(answers) == {"action=OK"} and len(answers) >= 3
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout_and_not_before_the_request_timeout(setup):
+    setup.run("add", "192.0.2.7", check=True)
+    setup.write(extra="\n[Policy]\nRequestTimeout=200ms\nIdleTimeout=2s\n")
+    with PolicyProcess(setup) as policy:
+        client = connect(policy)
+        assert client.ask("192.0.2.7") == "action=OK"
+        assert not client.closed_by_peer(0.6)  # idle three times RequestTimeout: still open
+        assert client.ask("192.0.2.8") == "action=DUNNO"
+        assert client.closed_by_peer(10)
+        assert "that stayed idle for [Policy] IdleTimeout=2s" in policy.output()
 
 
 def test_many_connections_at_once_are_all_answered(service):
