@@ -11,7 +11,7 @@ VENV ?= .venv
 # Debian 12 packages the product and its tests use.
 APT_PACKAGES = python3-venv python3-gdbm python3-systemd systemd systemd-journal-remote \
 	dovecot-core dovecot-pop3d dovecot-imapd openssl postfix mailfront ucspi-tcp qpsmtpd libnet-ip-perl \
-	util-linux mandoc man-db systemd-container openbsd-inetd
+	util-linux mandoc man-db systemd-container openbsd-inetd faketime gcc strace
 
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -30,7 +30,7 @@ MODULES = $(wildcard poplock/*.py)
 UNITS = $(wildcard units/*)
 MANPAGES = $(wildcard man/*.[0-9])
 
-.PHONY: deps venv check demo bench install uninstall
+.PHONY: deps venv test-servers check demo bench install uninstall
 
 deps:
 	@missing=""; for package in $(APT_PACKAGES); do \
@@ -48,6 +48,13 @@ venv: deps
 	@$(call write_relaylock,$(VENV)/bin/relaylock,$(CURDIR))
 	@# Byte-compiled like an installed package, so that no program starts by compiling.
 	@$(VENV)/bin/python -m compileall -q poplock
+
+# The POP3/IMAP servers the tests run besides Dovecot (Courier, Cyrus, mailutils, popa3d,
+# solid-pop3d) conflict with Dovecot's packages: they are unpacked under
+# /opt/poplock-test-servers instead, with only their dependencies installed
+# (tests/support/popservers.py). Quick when done already; after deps, whose apt-get it would wait for.
+test-servers: deps
+	@PYTHONPATH=tests $(PYTHON) -m support.popservers
 
 # relaylock runs once per SMTP connection: it starts Python isolated and without site
 # (-IS, about 2 ms less), so the script itself says where the poplock package lives.
@@ -104,7 +111,7 @@ uninstall:
 	rm -f $(foreach page,$(MANPAGES),$(DESTDIR)$(MANDIR)/man$(subst .,,$(suffix $(page)))/$(notdir $(page)))
 	@echo "left in place: $(SYSCONFDIR)/poplock (your configuration) and /var/lib/poplock (the grants)"
 
-check: venv
+check: venv test-servers
 	$(VENV)/bin/python -m pytest
 
 demo: venv

@@ -4,7 +4,9 @@ Courier, Cyrus, GNU mailutils, popa3d and solid-pop3d all provide pop3-server or
 imap-server and so conflict with Dovecot's packages, which the tests keep installed.
 `install_servers()` therefore unpacks each server package with `dpkg-deb -x` into its
 own folder under INSTALL_ROOT and installs only their dependencies with
-`apt-get satisfy`. Nothing here starts a package's own init script.
+`apt-get satisfy`. Nothing here starts a package's own init script. `make check` runs
+it before the tests (`python3 -m support.popservers` with tests/ on the path), and the
+tests' `unpacked_servers` fixture runs it again, which takes a few milliseconds once done.
 
 Each server class is a context manager like `dovecot.Dovecot`: free ports, 127.0.0.1
 and ::1 only, users given as `name: password`, logging to /dev/log and from there
@@ -16,12 +18,16 @@ the mail users exist only for that server.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pwd
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,28 +78,61 @@ _SYSTEM_ACCOUNTS = (
 
 
 def install_servers(packages: tuple[str, ...] = UNPACKED_PACKAGES) -> None:
-    """Unpack the server packages and install what they need; does nothing when done already."""
+    """Unpack the server packages and install what they need; does nothing when done already.
+
+    Several processes may call it at once (`make check` and a test run, say): the second
+    waits for the first, then finds everything done.
+    """
     INSTALL_ROOT.mkdir(parents=True, exist_ok=True)
-    missing = [p for p in packages if not (INSTALL_ROOT / p / ".unpacked").exists()]
-    if missing:
-        _unpack(missing)
-    depends = _dependencies(packages)
-    stamp = INSTALL_ROOT / ".dependencies"
-    if not stamp.exists() or stamp.read_text() != depends:
-        _apt("satisfy", depends)
-        stamp.write_text(depends)
-    for name, group, home in _SYSTEM_ACCOUNTS:
-        _ensure_system_account(name, group, home)
+    with open(INSTALL_ROOT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        missing = [p for p in packages if not (INSTALL_ROOT / p / ".unpacked").exists()]
+        if missing:
+            print(f"unpacking into {INSTALL_ROOT}: {' '.join(missing)}", file=sys.stderr, flush=True)
+            _unpack(missing)
+        depends = _dependencies(packages)
+        stamp = INSTALL_ROOT / ".dependencies"
+        if not stamp.exists() or stamp.read_text() != depends:
+            print("installing their dependencies", file=sys.stderr, flush=True)
+            with _no_daemon_starts():
+                _apt("satisfy", depends)
+            stamp.write_text(depends)
+        for name, group, home in _SYSTEM_ACCOUNTS:
+            _ensure_system_account(name, group, home)
+
+
+@contextlib.contextmanager
+def _no_daemon_starts():
+    """A policy-rc.d(8) that forbids every start, unless the machine has one already.
+
+    The dependencies include daemons (courier-authdaemon) whose maintainer scripts would
+    start them on a machine where invoke-rc.d can; the tests start what they need themselves.
+    """
+    policy = Path("/usr/sbin/policy-rc.d")
+    if policy.exists():
+        yield
+        return
+    policy.write_text("#!/bin/sh\n# tests/support/popservers.py, while it installs: start no daemon.\nexit 101\n")
+    policy.chmod(0o755)
+    try:
+        yield
+    finally:
+        policy.unlink()
 
 
 def _apt(command: str, *arguments: str, cwd: Path | None = None) -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    argv = ["apt-get", "-y", "-q", "--no-install-recommends", command, *arguments]
+    # Waits for another apt or dpkg (unattended-upgrades, a parallel make) instead of failing.
+    argv = ["apt-get", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600", command, *arguments]
     result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        # A fresh machine has no package lists yet.
-        subprocess.run(["apt-get", "-q", "update"], env=env, check=True, capture_output=True)
-        subprocess.run(argv, cwd=cwd, env=env, check=True, capture_output=True)
+        # A fresh machine has no package lists yet, or stale ones.
+        update = subprocess.run(["apt-get", "-q", "-o", "DPkg::Lock::Timeout=600", "update"],
+                                env=env, capture_output=True, text=True)
+        result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{shlex.join(argv)} failed (after apt-get update, exit status"
+                               f" {update.returncode}):\n{update.stderr}{result.stdout}{result.stderr}")
 
 
 def _unpack(packages: list[str]) -> None:
@@ -164,10 +203,14 @@ class _NamespacedServer(Service):
     # Whether it serves IMAP and the TLS ports besides plain POP3 (ports are taken for each).
     FOUR_PORTS = True
 
-    def __init__(self, directory: Path, users: dict[str, str], *, host_names: dict[str, str] | None = None):
+    def __init__(self, directory: Path, users: dict[str, str], *, host_names: dict[str, str] | None = None,
+                 journal_sockets: Path | None = None):
         self.directory = directory
         self.users = users
         self.host_names = host_names or {}  # for the namespace's /etc/hosts, where a server resolves names
+        # A PrivateJournald's sockets (tests/support/journald.py), bound on /run/systemd/journal
+        # in the namespace: /dev/log, and so the server's syslog(3), then lead to that journal.
+        self.journal_sockets = journal_sockets
         self.pop3_port = free_port()
         if self.FOUR_PORTS:
             self.pop3s_port = free_port()
@@ -177,6 +220,8 @@ class _NamespacedServer(Service):
     def _spawn(self, binds: list[tuple[Path | str, str]], body: str) -> None:
         script = self.directory / "launch.sh"
         output = self.directory / "server.out"
+        if self.journal_sockets is not None:
+            binds = [(self.journal_sockets, "/run/systemd/journal"), *binds]
         lines = ["set -e"]
         lines += [f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)}" for source, target in binds]
         # "ready" on the pipe tells that the mounts are in place, so the namespace can
@@ -211,6 +256,21 @@ class _NamespacedServer(Service):
                                 f"{type(self).__name__} is not listening on {host} port {port}:"
                                 f" see {self.directory / 'server.out'}"
                             ) from None
+
+    def _wait_for_unix_socket(self, path: Path) -> None:
+        """Wait until a stream socket at `path` (a host path) accepts, or the launcher has died."""
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(path))
+                    return
+                except OSError:
+                    pass
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{type(self).__name__}: nothing listens on {path}:"
+                                   f" see {self.directory / 'server.out'}")
+            time.sleep(0.02)
 
     def _processes(self) -> list[int]:
         found = []
@@ -368,6 +428,9 @@ class Courier(_NamespacedServer):
             Path(mount_point).mkdir(parents=True, exist_ok=True)
         self._spawn([(d / "etc-courier", "/etc/courier"), (d / "run-courier", "/run/courier")], body)
         self._wait_for_ports(self.pop3_port, self.pop3s_port, self.imap_port, self.imaps_port)
+        # The ports can answer before authdaemond does; a login then fails ("authdaemon:
+        # s_connect() failed") as if the password were wrong.
+        self._wait_for_unix_socket(d / "run-courier/authdaemon/socket")
         return self
 
 
@@ -702,3 +765,7 @@ class DovecotAnyUserName(Dovecot):
         with config.open("a") as settings:
             settings.write("auth_username_chars =\n")
         return config
+
+
+if __name__ == "__main__":
+    install_servers()

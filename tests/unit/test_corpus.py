@@ -247,10 +247,8 @@ def test_each_default_trusted_user_is_the_one_the_recorded_server_wrote_as(tmp_p
     ("courier", "courier-pop"), ("courier", "courier-imap"), ("cyrus", "cyrus-common"),
     ("mailutils", "mailutils-pop3d"), ("mailutils", "mailutils-imap4d"),
 ])
-def test_the_default_units_are_the_ones_the_debian_packages_ship(name, package):
+def test_the_default_units_are_the_ones_the_debian_packages_ship(unpacked_servers, name, package):
     unit_folder = INSTALL_ROOT / package / "lib/systemd/system"
-    if not unit_folder.is_dir():
-        pytest.skip(f"{package} is not unpacked here (tests/support/popservers.install_servers())")
     shipped = {path.name for path in unit_folder.glob("*.service")}
     assert shipped and shipped <= set(SERVERS[name].units)
 
