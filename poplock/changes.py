@@ -9,7 +9,7 @@ removals and flushes still in force after the logins that came before them.
 
 Trust as for logins, by what journald itself records: the entry must have come over the
 native protocol (_TRANSPORT=journal) from a process whose _UID may write the store (root
-or the store directory's owner). Any user can send an entry with these fields and
+or the store directory's owner), on this machine (_MACHINE_ID). Any user can send an entry with these fields and
 MESSAGE_IDs; only those users' entries change anything.
 """
 
@@ -51,13 +51,17 @@ class Change:
         return f"Change({self.kind!r}, {self.address!r}, {self.expires_at!r}, {self.time!r})"
 
 
-def parse_change(entry: Mapping[str, str], store_path: str, trusted_uids: frozenset[int]) -> Change | None:
-    """The change a journal entry records for the store at `store_path`, or None.
+def parse_change(entry: Mapping[str, str], store_path: str, trusted_uids: frozenset[int],
+                 machine_id: str | None) -> Change | None:
+    """The change a journal entry records for the store at `store_path` on this machine, or None.
 
-    None for entries of another store, other events, untrusted senders, and entries
+    None for entries of another store or another machine (a journal received from another
+    host: its root changes its own store), other events, untrusted senders, and entries
     whose fields do not make a complete change.
     """
     if entry.get("POPLOCK_STORE") != store_path:
+        return None
+    if machine_id is None or entry.get("_MACHINE_ID") != machine_id:
         return None
     kind = _KINDS.get(entry.get("MESSAGE_ID", ""))
     if kind is None or entry.get("_TRANSPORT") != "journal":

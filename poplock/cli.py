@@ -4,6 +4,7 @@
     poplock add ADDRESS [--for 2h]   grant by hand
     poplock remove ADDRESS           withdraw a grant
     poplock flush                    withdraw every grant
+    poplock import [FILE]            load grants, in one transaction
     poplock expire                   purge expired grants (poplock-expire.timer)
     poplock check ADDRESS            exit 0 if that client may relay now, 1 if not
     poplock rebuild                  rebuild the store from the journal (done by itself when it is damaged)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -33,15 +35,16 @@ from poplock.config import SETTINGS, Config, load_config
 from poplock.errors import (
     AddressError,
     ConfigError,
+    InputError,
     JournalError,
     PoplockError,
     StoreBusyError,
     StoreCorruptError,
     StoreError,
 )
-from poplock.grants import MAX_GRANT_LENGTH, Grant, merge_grant, split_expired
+from poplock.grants import MAX_GRANT_LENGTH, Grant, merge_grant
 from poplock.logs import events_reach_the_journal, iso_time, log_event, setup_logging
-from poplock.store import read_snapshot
+from poplock.store import iterate_store
 from poplock.storewriter import StoreWriter
 from poplock.values import format_timespan, parse_timespan
 
@@ -93,43 +96,72 @@ def _since(text: str) -> float:
 
 # --- commands -----------------------------------------------------------------------------------
 
+SORTED_UP_TO = 1000  # grants `show` sorts by expiry and aligns; a bigger store is streamed as it is stored
+
+
 def command_show(config: Config, arguments) -> int:
     now = time.time()
-    try:
-        snapshot = read_snapshot(config.store_path, config.busy_timeout)
-    except StoreCorruptError as error:
-        error.hint = ("poplock-reader rebuilds it from the journal at its next commit; "
-                      "`poplock rebuild` does it now")
-        raise
-    grants = snapshot.grants
-    if snapshot.undecodable:
-        print(f"poplock: warning: {config.store_path} holds {len(snapshot.undecodable)} entries this version "
-              "cannot read (another format, or damage), not shown: "
-              + ", ".join(repr(key)[1:] for key in list(snapshot.undecodable)[:5]), file=sys.stderr)
-    live, expired = split_expired(grants.values(), now)
-    shown = sorted(live + (expired if arguments.all else []), key=lambda grant: grant.expires_at)
     networks = load_allow_list(config.static_allow_file)
+    undecodable: list[bytes] = []
+
+    def grants():
+        try:
+            for kind, key, value in iterate_store(config.store_path, config.busy_timeout):
+                if kind == "grant" and (arguments.all or value.is_live(now)):
+                    yield value
+                elif kind == "undecodable":
+                    undecodable.append(key)
+        except StoreCorruptError as error:
+            error.hint = ("poplock-reader rebuilds it from the journal at its next commit; "
+                          "`poplock rebuild` does it now")
+            raise
+
+    stream = grants()
+    first = list(itertools.islice(stream, SORTED_UP_TO + 1))
+    if len(first) <= SORTED_UP_TO:  # a small store: by expiry, soonest first
+        first.sort(key=lambda grant: grant.expires_at)
+    shown = itertools.chain(first, stream)
     if arguments.json:
-        for grant in shown:
-            _print_json({"kind": "grant", "address": grant.address, "expires": iso_time(grant.expires_at),
-                         "source": grant.source, "login_time": iso_time(grant.login_at),
-                         "live": grant.is_live(now)})
-        for network in networks:
-            _print_json({"kind": "static", "address": str(network), "file": config.static_allow_file})
-        return os.EX_OK
-    rows = [("ADDRESS", "EXPIRES", "SOURCE", "LOGIN")]
-    for grant in shown:
-        expires = iso_time(grant.expires_at) + _not_live(grant, now)
-        rows.append((grant.address, expires, grant.source, iso_time(grant.login_at)))
-    for network in networks:
-        rows.append((str(network), "never (static)", "static-allowed", "-"))
-    if len(rows) == 1:
+        _write_lines(json.dumps({"kind": "grant", "address": grant.address, "expires": iso_time(grant.expires_at),
+                                 "source": grant.source, "login_time": iso_time(grant.login_at),
+                                 "live": grant.is_live(now)}, ensure_ascii=False) for grant in shown)
+        _write_lines(json.dumps({"kind": "static", "address": str(network), "file": config.static_allow_file})
+                     for network in networks)
+    elif not first and not networks:
         print("no grants and no static entries")
-        return os.EX_OK
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3])
+    else:
+        statics = [(str(network), "never (static)", "static-allowed", "-") for network in networks]
+        rows = [(grant.address, iso_time(grant.expires_at) + _not_live(grant, now), grant.source,
+                 iso_time(grant.login_at)) for grant in first]
+        header = ("ADDRESS", "EXPIRES", "SOURCE", "LOGIN")
+        if len(first) <= SORTED_UP_TO:
+            widths = [max(len(row[column]) for row in [header, *rows, *statics]) for column in range(3)]
+        else:  # too many to measure first: widths that fit IPv4 addresses and local times
+            widths = [15, 25, 14]
+
+        def line(row) -> str:
+            return "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3]
+
+        rest = ((grant.address, iso_time(grant.expires_at) + _not_live(grant, now), grant.source,
+                 iso_time(grant.login_at)) for grant in stream)
+        _write_lines(line(row) for row in itertools.chain([header], rows, rest, statics))
+    if undecodable:
+        print(f"poplock: warning: {config.store_path} holds {len(undecodable)} entries this version "
+              "cannot read (another format, or damage), not shown: "
+              + ", ".join(repr(key)[1:] for key in undecodable[:5]), file=sys.stderr)
     return os.EX_OK
+
+
+def _write_lines(lines) -> None:
+    """Lines to standard output a thousand at a time: a million grants are listed in seconds."""
+    chunk = []
+    for text in lines:
+        chunk.append(text)
+        if len(chunk) >= 1000:
+            sys.stdout.write("\n".join(chunk) + "\n")
+            chunk = []
+    if chunk:
+        sys.stdout.write("\n".join(chunk) + "\n")
 
 
 def _not_live(grant: Grant, now: float) -> str:
@@ -137,6 +169,8 @@ def _not_live(grant: Grant, now: float) -> str:
         return ""
     if grant.is_from_the_future(now):
         return " (not valid: its login time is in the future; was the clock stepped back?)"
+    if grant.expires_at - grant.login_at > MAX_GRANT_LENGTH:
+        return f" (not valid: longer than {format_timespan(MAX_GRANT_LENGTH)}, which no grant can be)"
     return " (expired)"
 
 
@@ -226,6 +260,47 @@ def command_flush(config: Config, arguments) -> int:
     return os.EX_OK
 
 
+def command_import(config: Config, arguments) -> int:
+    from poplock.grantfile import parse_grant_lines
+
+    now = time.time()
+    name = "standard input" if arguments.file == "-" else arguments.file
+    try:
+        if arguments.file == "-":
+            found = parse_grant_lines(sys.stdin, name, now, config.window)
+        else:
+            with open(arguments.file, encoding="utf-8") as lines:
+                found = parse_grant_lines(lines, name, now, config.window)
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read {name}: {getattr(error, 'strerror', None) or error}") from None
+    for problem in found.problems:
+        print(f"poplock: {'warning' if arguments.skip_bad else 'error'}: {problem}", file=sys.stderr)
+    if found.problems and not arguments.skip_bad:
+        print(f"poplock: nothing imported: {len(found.problems)} bad lines (--skip-bad imports the others)",
+              file=sys.stderr)
+        return os.EX_DATAERR
+
+    def load(transaction):
+        imported = []
+        for grant in found.grants:
+            merged = merge_grant(transaction.grants.get(grant.address), grant, now)
+            transaction.grants[grant.address] = merged
+            imported.append(merged)
+        return imported
+
+    imported = change_store(config, load)
+    if arguments.journal:
+        for grant in imported:  # replayable like `poplock add`: a rebuild keeps them
+            log_event(log, logging.INFO, events.GRANT_ADDED, "granted %s until %s by import", grant.address,
+                      iso_time(grant.expires_at), address=grant.address, source=grant.source,
+                      expires=grant.expires_at, store=config.store_path)
+        _warn_unless_journaled()
+    skipped = f"; {found.expired} expired left out" if found.expired else ""
+    bad = f"; {len(found.problems)} bad lines skipped" if found.problems else ""
+    print(f"imported {len(imported)} grants{skipped}{bad}")
+    return os.EX_OK
+
+
 def command_rebuild(config: Config, arguments) -> int:
     count = rebuild_store(config, directory=arguments.directory, files=arguments.file)
     print(f"rebuilt {config.store_path} from the journal: {count} grants")
@@ -236,7 +311,7 @@ def command_expire(config: Config, arguments) -> int:
     now = time.time()
 
     def purge(transaction):
-        _, expired = split_expired(transaction.grants.values(), now)
+        expired = [grant for _, grant in transaction.grants.items() if not grant.is_live(now)]
         for grant in expired:
             del transaction.grants[grant.address]
         return expired, len(transaction.grants)
@@ -262,6 +337,8 @@ def command_check(config: Config, arguments) -> int:
     elif decision.grant.is_from_the_future(time.time()):
         reason = (f"its grant's login time {iso_time(decision.grant.login_at)} is in the future "
                   "(was the clock stepped back?); it allows nothing until the client logs in again")
+    elif decision.grant.expires_at > time.time():
+        reason = f"its grant is longer than {format_timespan(MAX_GRANT_LENGTH)}, which no grant can be"
     else:
         reason = f"its grant expired at {iso_time(decision.grant.expires_at)}"
     verdict = "may relay" if decision.allowed else "may not relay"
@@ -382,6 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     remove.set_defaults(run=command_remove)
 
     commands.add_parser("flush", parents=[common], help="withdraw every grant").set_defaults(run=command_flush)
+
+    load = commands.add_parser("import", parents=[common], help="load grants from FILE (default: standard input)")
+    load.add_argument("file", nargs="?", default="-", metavar="FILE",
+                      help="JSON lines as `show --json` prints them, or ADDRESS [EXPIRES] lines; - for standard input")
+    load.add_argument("--skip-bad", action="store_true", help="import the good lines even when some are bad")
+    load.add_argument("--no-journal", dest="journal", action="store_false",
+                      help="leave no journal entry per grant (faster; a rebuild of the store will not know them)")
+    load.set_defaults(run=command_import)
     commands.add_parser("expire", parents=[common], help="purge expired grants").set_defaults(run=command_expire)
 
     check = commands.add_parser("check", parents=[common], help="exit 0 if ADDRESS may relay now, 1 if not")
@@ -422,7 +507,7 @@ def _exit_status(error: PoplockError) -> int:
         return os.EX_TEMPFAIL
     if isinstance(error, StoreError):
         return os.EX_IOERR
-    if isinstance(error, JournalError):
+    if isinstance(error, (JournalError, InputError)):
         return os.EX_NOINPUT
     return os.EX_SOFTWARE
 

@@ -39,5 +39,9 @@ class JournalError(PoplockError):
     """The journal (or the journal files named) cannot be opened."""
 
 
+class InputError(PoplockError):
+    """A file the user named cannot be read (`poplock import FILE`)."""
+
+
 class ProtocolError(PoplockError):
     """A peer broke the Postfix policy protocol."""

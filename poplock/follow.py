@@ -116,15 +116,23 @@ class JournalFollower:
         self._reader.seek_realtime(int(fallback_realtime * 1_000_000))
         return Position.NO_CURSOR if cursor is None else Position.CURSOR_INVALID
 
-    def read(self, limit: int) -> Iterator["JournalEntry"]:
-        """Up to `limit` of the entries available now.
+    def readable(self) -> bool:
+        """Some journal file could be opened (reading the system journal takes permission)."""
+        reader = self._reader
+        return bool(reader.has_runtime_files() or reader.has_persistent_files() or
+                    self.earliest_time() is not None)
+
+    def read(self, limit: int | None) -> Iterator["JournalEntry"]:
+        """Up to `limit` (None: all) of the entries available now.
 
         Each entry reads its fields from the journal when asked, and only while it is
         the current one: use it before taking the next.
         """
         reader = self._reader
         entry = JournalEntry(reader)
-        for _ in range(limit):
+        count = 0
+        while limit is None or count < limit:
+            count += 1
             if self._pending:
                 self._pending = False
             elif not reader._next():

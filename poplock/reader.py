@@ -25,7 +25,7 @@ from poplock.arguments import ArgumentParser
 from poplock.changes import Change, apply_change, parse_change
 from poplock.config import Config, load_config
 from poplock.cursor import save_cursor
-from poplock.errors import ConfigError, StoreBusyError, StoreCorruptError, StoreError
+from poplock.errors import ConfigError, JournalError, StoreBusyError, StoreCorruptError, StoreError
 from poplock.follow import JournalFollower, Position
 from poplock.grants import MAX_GRANT_LENGTH, Grant, grant_for_login, merge_grant
 from poplock.logins import NO_ADDRESS, Drift, Login, LoginParser, Unmatched, UnmatchedLogins
@@ -73,12 +73,14 @@ class Reader:
         self.notify = notify
         # Who may make the administrative changes replayed from the journal (changes.py).
         self.change_uids = change_uids if change_uids is not None else store_writers(config.store_path)
+        self.machine_id = local_machine_id()  # changes made on other hosts are never replayed here
         self.cursor: str | None = None
         self.grant_count: int | None = None
         self.last_login: Login | None = None
         # While rebuilding: the grants to start from, and whether the damaged store is replaced.
         self._initial: dict[str, Grant] | None = None
         self._replace = False
+        self._keep_damaged = False
 
     @property
     def _cursor_key(self) -> str:
@@ -94,17 +96,23 @@ class Reader:
         fallback = self.clock() - self.config.window
         try:
             self.cursor = lookup_metadata(self.config.store_path, self._cursor_key, busy_timeout=1.0)
-        except StoreError as error:
+        except StoreCorruptError as error:
             self.rebuild(error)
             return
+        # Any other StoreError (busy, no permission) is the caller's: a store that is merely
+        # unreachable now must not be replaced.
         if self.cursor is None:
             if not os.path.exists(self.config.store_path):
+                if os.path.exists(self.config.cursor_path):  # there was a store: it is lost
+                    log_event(log, logging.WARNING, events.STORE_REBUILT, "the grant store %s is missing; "
+                              "rebuilding it from the journal since %s", self.config.store_path, iso_time(fallback))
+                else:
+                    log.info("no saved journal position; starting one window back, at %s", iso_time(fallback))
                 self._start_over(replace=False, manual_history=True)
-                log.info("no saved journal position; starting one window back, at %s", iso_time(fallback))
             else:
-                self._start_over(replace=False, manual_history=False)
                 log.info("no saved journal position in the store; starting one window back, at %s",
                          iso_time(fallback))
+                self._start_over(replace=False, manual_history=False)
             return
         position = self.follower.seek(self.cursor, fallback)
         if position == Position.RESUMED:
@@ -130,12 +138,20 @@ class Reader:
             log_event(log, logging.INFO, events.STORE_REBUILT, "rebuilding the grant store from the journal since %s",
                       since)
         self._start_over(replace=True, manual_history=True, salvage=error is not None)
+        self._keep_damaged = error is not None
 
     def _start_over(self, *, replace: bool, manual_history: bool, salvage: bool = False) -> None:
-        """Position one window back, with what the journal holds from before that."""
+        """Position one window back, with what the journal holds from before that.
+
+        Raises JournalError when no journal file can be read at all (no permission): a
+        store built from nothing would withdraw every grant.
+        """
         now = self.clock()
         window_start = now - self.config.window
         initial: dict[str, Grant] = {}
+        if not self.follower.readable():
+            raise JournalError("cannot rebuild the grant store: no journal file could be opened (reading the "
+                               "system journal takes root or the systemd-journal group)")
         earliest = self.follower.earliest_time()
         if earliest is not None and earliest > window_start:
             log.warning("the journal begins at %s, after the start of the window (%s): logins before then cannot "
@@ -149,11 +165,11 @@ class Reader:
             history = self.follower.companion([f"POPLOCK_STORE={self.config.store_path}"])
             try:
                 history.seek(None, now - MAX_GRANT_LENGTH)
-                for entry in history.read(BATCH):
-                    change = parse_change(entry, self.config.store_path, self.change_uids)
+                for entry in history.read(None):
+                    if int(entry["__REALTIME_TIMESTAMP"]) >= window_start * 1e6:
+                        break  # the follower reads the rest, in order with the logins
+                    change = parse_change(entry, self.config.store_path, self.change_uids, self.machine_id)
                     if change is not None:
-                        if change.time >= window_start:
-                            break
                         apply_change(initial, change, now)
             finally:
                 history.close()
@@ -171,12 +187,16 @@ class Reader:
                 return total
             try:
                 self._commit(items, last_cursor)
-            except CursorMoved as moved:  # `poplock rebuild` ran: go on from where it stopped
-                log.info("the store was rebuilt by another program; continuing from its journal position")
+            except CursorMoved as moved:  # `poplock rebuild` ran, or the store was removed
                 self.cursor = moved.cursor
                 if moved.cursor is None:
-                    self._start_over(replace=False, manual_history=False)
+                    missing = not os.path.exists(self.config.store_path)
+                    log_event(log, logging.WARNING, events.STORE_REBUILT, "the grant store %s %s; rebuilding it "
+                              "from the journal", self.config.store_path,
+                              "is gone" if missing else "lost this reader's journal position")
+                    self._start_over(replace=False, manual_history=missing)
                 else:
+                    log.info("the store was rebuilt by another program; continuing from its journal position")
                     self.follower.seek(moved.cursor, self.clock() - self.config.window)
                 continue
             except StoreCorruptError as error:
@@ -195,7 +215,7 @@ class Reader:
             count += 1
             try:
                 if entry.get("POPLOCK_STORE") is not None:
-                    change = parse_change(entry, store_path, self.change_uids)
+                    change = parse_change(entry, store_path, self.change_uids, self.machine_id)
                     if change is not None:
                         items.append(change)
                     continue
@@ -228,7 +248,7 @@ class Reader:
         changes = []
         rebuilt = self._initial is not None
         replaced = self._replace
-        with self.writer.transaction(replace=self._replace) as transaction:
+        with self.writer.transaction(replace=self._replace, keep_damaged=self._keep_damaged) as transaction:
             grants = transaction.grants
             if rebuilt:
                 for address, grant in self._initial.items():
@@ -261,7 +281,7 @@ class Reader:
                 changes.append((kind, login, unit, grant))
             self.grant_count = len(transaction.grants)
         self._initial = None
-        self._replace = False
+        self._replace = self._keep_damaged = False
         if replaced:
             log_event(log, logging.INFO, events.STORE_REBUILT, "rebuilt the grant store %s from the journal: "
                       "%d grants", self.config.store_path, self.grant_count)
@@ -321,6 +341,15 @@ class _Stop:
             pass
 
 
+def local_machine_id() -> str | None:
+    """This host's machine ID, as journald records it in _MACHINE_ID (None if unknown)."""
+    try:
+        with open("/etc/machine-id", encoding="ascii") as file:
+            return file.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _watchdog_interval() -> float | None:
     usec = os.environ.get("WATCHDOG_USEC", "")
     pid = os.environ.get("WATCHDOG_PID", "")
@@ -352,12 +381,14 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
     watchdog = _watchdog_interval()
     last_ping = last_status = time.monotonic()
     attempt = 0
+    writer = reader.writer
+    merging = None  # the descriptor that turns readable when a merge into a new base is done
     while not stop.requested:
         pause = None
         try:
             reader.process_available()
             attempt = 0
-        except (StoreError, OSError) as error:  # store, cursor file or journal trouble
+        except (StoreError, JournalError, OSError) as error:  # store, cursor file or journal trouble
             event = events.STORE_BUSY if isinstance(error, StoreBusyError) else events.STORE_FAILED
             log_event(log, logging.ERROR, event, "%s; will retry from the last committed position", error)
             if once:
@@ -367,6 +398,8 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
             follower.reopen(reader.cursor, reader.clock() - reader.config.window)
         if once and pause is None:
             break
+        if merging is None and pause is None and writer.merge_due():
+            merging = writer.merge_in_background()  # off the login path: logins go on committing meanwhile
         now = time.monotonic()
         status_due = None
         if reader.status() != status:
@@ -381,11 +414,19 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
             last_ping = now
         recheck = reader.config.recheck_interval if pause is None and reader.config.recheck_interval else None
         timeout = _wait_timeout(pause, status_due, watchdog / 2 if watchdog else None, recheck)
-        readable, _, _ = select.select([follower.fileno(), stop.read_fd], [], [], timeout)
+        waiting = [follower.fileno(), stop.read_fd] + ([merging] if merging is not None else [])
+        readable, _, _ = select.select(waiting, [], [], timeout)
         if stop.read_fd in readable:
             stop.drain()
+        if merging is not None and merging in readable:
+            merging = None
+            try:
+                writer.finish_merge()
+            except StoreError as error:  # the top merely stays larger; the next merge tries again
+                log_event(log, logging.ERROR, events.STORE_FAILED, "%s; the merge is tried again later", error)
         if pause is None:
             follower.process()
+    writer.cancel_merge()
     reader.notify("STOPPING=1")
     log.info("stopping")
     follower.close()
@@ -429,8 +470,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         log.error("cannot open the journal: %s", error)
         return os.EX_NOINPUT
-    reader = Reader(config, sources, follower, StoreWriter(config.store_path))
-    return run(reader, follower, once=arguments.once)
+    reader = Reader(config, sources, follower, StoreWriter(config.store_path, background_merges=not arguments.once))
+    try:
+        return run(reader, follower, once=arguments.once)
+    except JournalError as error:
+        log.error("%s", error)
+        return os.EX_NOINPUT
+    except StoreError as error:  # at start: busy, or no permission; systemd restarts the reader
+        log_event(log, logging.ERROR, events.STORE_FAILED, "%s", error)
+        return os.EX_TEMPFAIL
 
 
 if __name__ == "__main__":

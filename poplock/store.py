@@ -1,20 +1,30 @@
-"""The grant store, read side: a gdbm file that is never changed in place.
+"""The grant store, read side: gdbm files that are never changed in place.
 
-How one writer and many readers share it (LMDB-style):
+How one writer and many readers share it, at any size (LMDB's one atomic root switch,
+and an LSM tree's small mutable level over a large immutable one):
 
-  * The file at Store.Path is a complete, immutable snapshot. A writer (poplock-reader,
-    or `poplock add/remove/flush/expire`) takes an exclusive lock on PATH.lock, makes
-    the new snapshot in PATH.new (a copy of PATH with the changes written into it),
-    fsyncs it and renames it over PATH, which is atomic. See storewriter.py.
-  * A reader opens PATH and sees the old snapshot or the new one, whole, never a mix:
-    a snapshot is never written after it is published, and a reader that opened the
-    old file keeps reading it after the rename.
+  * The store is two levels. PATH, the top, is a small gdbm file holding the recent
+    changes, the bookkeeping and, under "#base", the name of the base: a large gdbm
+    file PATH.base-GENERATION in the same directory with everything older. A lookup
+    reads the top first and the base only for what the top does not hold; a removal
+    of a grant the base holds is a tombstone ("-") in the top. A small store has no
+    base at all, and then PATH is the whole store (as stores written before bases
+    existed are: those are read as they are, and become the first base when written).
+  * Every file is immutable once published. A writer (poplock-reader, or `poplock
+    add/remove/...`) takes an exclusive lock on PATH.lock, makes the new top in
+    PATH.new (a copy of the top with the changes written in), fsyncs it and renames it
+    over PATH, which is atomic: one data sync and one directory sync, whatever the
+    store holds. See storewriter.py.
+  * The top names its base, so a reader that opened one top sees one whole state,
+    old or new, never a mix. When the top has grown, its changes are merged into a
+    new base off the login path, and a new top names it; an old base is removed
+    afterwards, so a lookup that finds its base gone starts again from the new top.
   * Keys are canonical addresses; values are grants (grants.py). Keys starting with "#"
-    hold bookkeeping published in the same snapshot, such as poplock-reader's journal
+    hold bookkeeping published in the same top, such as poplock-reader's journal
     cursor, so that grants and the position they cover are committed together.
-  * Damage is detected, never read as fewer grants: each snapshot records its number
-    of entries under "#count", and a whole-store read (show, remove, flush, a writer's
-    load) that finds another number, or that gdbm reports as needing recovery, raises
+  * Damage is detected, never read as fewer grants: each file records its number of
+    entries under "#count", and a whole-store read (show, a writer's load) that finds
+    another number, or that gdbm reports as needing recovery, raises
     StoreCorruptError. gdbm's firstkey/nextkey end early without an error on a damaged
     file, so counting is the only way to tell. Lookups of one key (relaylock, the
     policy service) go on answering from what is readable and fail closed on errors.
@@ -23,7 +33,7 @@ How one writer and many readers share it (LMDB-style):
     emptied; manual grants and removals are replayed from their journal entries.
   * gdbm's own lock is exclusive between a writer and readers: opening with
     GDBM_READER fails with EAGAIN while anything has that file open for writing.
-    poplock's writers never open a published snapshot for writing, so a reader meets
+    poplock's writers never open a published file for writing, so a reader meets
     EAGAIN only when some other program (gdbmtool, a script) writes PATH in place.
     Then it retries for Store.BusyTimeout (default 20ms) and fails closed with
     StoreBusyError: no relay, but mail still flows.
@@ -40,23 +50,30 @@ from poplock.grants import Grant, GrantDecodeError, decode_grant
 # Keys that are not addresses: bookkeeping committed together with the grants, such as
 # poplock-reader's journal cursor ("#cursor:/var/lib/poplock/cursor").
 METADATA_PREFIX = "#"
-# Random for each published snapshot, which tells a writer whether the file is still the
+# Random for each published top, which tells a writer whether the file is still the
 # one it published (storewriter.py).
 GENERATION_KEY = b"#generation"
-# How many other keys the snapshot holds, so that a whole-store read tells damage from an end.
+# How many other keys the file holds, so that a whole-store read tells damage from an end.
 COUNT_KEY = b"#count"
+# The top's base: a file name in the store's directory.
+BASE_KEY = b"#base"
+# How many grants the whole store holds (top and base), so that nobody counts them one by one.
+GRANTS_KEY = b"#grants"
+# Random, new whenever the store starts over (flushed, replaced) or gets a new base: a
+# merge begun in another epoch is dropped (storewriter.py).
+EPOCH_KEY = b"#epoch"
+# In the top: the base's grant for this address is withdrawn.
+TOMBSTONE = b"-"
+# The top's own keys, which are neither grants nor metadata of the callers'.
+STRUCTURE_KEYS = (GENERATION_KEY, COUNT_KEY, BASE_KEY, GRANTS_KEY, EPOCH_KEY)
 
 _EAGAIN = 11
 _ENOENT = 2
 _RETRY_PAUSE = 0.001
 
 
-def open_snapshot(path: str, busy_timeout: float):
-    """The published snapshot opened read-only, or None when there is none yet.
-
-    Raises StoreBusyError after `busy_timeout` seconds of EAGAIN, StoreCorruptError
-    when the file is not a gdbm file, StoreError when it cannot be read at all.
-    """
+def _open_file(path: str, busy_timeout: float):
+    """One gdbm file opened read-only, or None when it does not exist."""
     deadline = time.monotonic() + busy_timeout
     while True:
         try:
@@ -77,23 +94,110 @@ def open_snapshot(path: str, busy_timeout: float):
         time.sleep(_RETRY_PAUSE)
 
 
+class OpenStore:
+    """One published state of the store: its top, and its base opened when first needed."""
+
+    __slots__ = ("path", "top", "base_name", "_base", "_busy_timeout")
+
+    def __init__(self, path: str, top, busy_timeout: float):
+        self.path = path
+        self.top = top
+        name = top.get(BASE_KEY)
+        self.base_name = name.decode("utf-8", "replace") if name else None
+        self._base = None
+        self._busy_timeout = busy_timeout
+
+    @property
+    def base_path(self) -> str | None:
+        if self.base_name is None:
+            return None
+        directory = self.path.rpartition("/")[0]
+        return f"{directory}/{self.base_name}" if directory else self.base_name
+
+    def base(self):
+        """The base's gdbm handle (None when there is no base); BaseGoneError if it was removed."""
+        if self._base is None and self.base_name is not None:
+            if "/" in self.base_name or not self.base_name.startswith(self.path.rpartition("/")[2] + ".base-"):
+                raise StoreCorruptError(f"the grant store {self.path} names a base that is not its own: "
+                                        f"{self.base_name!r}")
+            self._base = _open_file(self.base_path, self._busy_timeout)
+            if self._base is None:
+                raise BaseGoneError(self.base_path)
+        return self._base
+
+    def get(self, key: bytes) -> bytes | None:
+        """The raw value for `key`: the top's, else the base's; None when absent or withdrawn."""
+        value = self.top.get(key)
+        if value is None and self.base_name is not None and not key.startswith(b"#"):
+            value = self.base().get(key)
+        return None if value == TOMBSTONE else value
+
+    def __getitem__(self, key: bytes) -> bytes:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def keys(self) -> list[bytes]:
+        """Every key in effect: grants of both levels (tombstones applied) and the top's bookkeeping."""
+        top = self.top.keys()
+        keys = [key for key in top if self.top[key] != TOMBSTONE and key not in STRUCTURE_KEYS]
+        if self.base_name is not None:
+            shadowed = set(top)
+            keys += [key for key in self.base().keys() if key not in shadowed and not key.startswith(b"#")]
+        return keys
+
+    def close(self) -> None:
+        self.top.close()
+        if self._base is not None:
+            self._base.close()
+            self._base = None
+
+
+class BaseGoneError(StoreError):
+    """The base a top names was removed after a merge: open the store again."""
+
+
+def open_snapshot(path: str, busy_timeout: float) -> OpenStore | None:
+    """The published store opened read-only, or None when there is none yet.
+
+    Raises StoreBusyError after `busy_timeout` seconds of EAGAIN, StoreCorruptError
+    when the file is not a gdbm file, StoreError when it cannot be read at all.
+    """
+    top = _open_file(path, busy_timeout)
+    if top is None:
+        return None
+    try:
+        return OpenStore(path, top, busy_timeout)
+    except _gdbm.error as error:
+        top.close()
+        raise StoreCorruptError(f"the grant store {path} is damaged: {error}") from None
+
+
 def lookup_grant(path: str, address: str, busy_timeout: float) -> Grant | None:
     """The stored grant for a canonical address, live or not; None if there is none.
 
     A value this version cannot decode is a StoreError: the caller refuses the relay.
     """
-    snapshot = open_snapshot(path, busy_timeout)
-    if snapshot is None:
-        return None
+    for _ in range(3):  # a merge may remove the base between opening the top and reading the base
+        snapshot = open_snapshot(path, busy_timeout)
+        if snapshot is None:
+            return None
+        try:
+            return find_grant(snapshot, address, path)
+        except BaseGoneError:
+            continue
+        finally:
+            snapshot.close()
+    raise StoreBusyError(f"the grant store {path} changed its base three times during one lookup")
+
+
+def find_grant(snapshot: OpenStore, address: str, path: str) -> Grant | None:
+    """The grant for a canonical address in an open store (see lookup_grant)."""
     try:
-        return find_grant(snapshot, address, path)
-    finally:
-        snapshot.close()
-
-
-def find_grant(snapshot, address: str, path: str) -> Grant | None:
-    """The grant for a canonical address in an open snapshot (see lookup_grant)."""
-    value = snapshot.get(address.encode())
+        value = snapshot.get(address.encode())
+    except _gdbm.error as error:
+        raise StoreError(f"cannot read the grant store {path}: {error}") from None
     if value is None:
         return None
     try:
@@ -103,12 +207,12 @@ def find_grant(snapshot, address: str, path: str) -> Grant | None:
 
 
 def lookup_metadata(path: str, name: str, busy_timeout: float) -> str | None:
-    """One bookkeeping value of the published snapshot (None when absent or unreadable as text)."""
+    """One bookkeeping value of the published top (None when absent or unreadable as text)."""
     snapshot = open_snapshot(path, busy_timeout)
     if snapshot is None:
         return None
     try:
-        value = snapshot.get((METADATA_PREFIX + name).encode())
+        value = snapshot.top.get((METADATA_PREFIX + name).encode())
     except _gdbm.error as error:
         raise StoreError(f"cannot read the grant store {path}: {error}") from None
     finally:
@@ -120,79 +224,136 @@ def lookup_metadata(path: str, name: str, busy_timeout: float) -> str | None:
 
 
 class Snapshot:
-    """Everything in one published file."""
+    """Everything in the store, read whole: for small stores, tests and tools (iterate_store streams)."""
 
     __slots__ = ("grants", "metadata", "undecodable", "generation")
 
     def __init__(self, grants: dict, metadata: dict, undecodable: dict, generation: bytes | None = None):
         self.grants = grants  # address -> Grant
-        self.metadata = metadata  # name -> text, from keys that start with METADATA_PREFIX
+        self.metadata = metadata  # name -> text, from the top's keys that start with METADATA_PREFIX
         self.undecodable = undecodable  # raw key -> raw value this version cannot read
         self.generation = generation
 
 
 def read_snapshot(path: str, busy_timeout: float) -> Snapshot:
-    """Every entry of the published snapshot (empty when there is none yet).
+    """Every entry of the published store (empty when there is none yet).
 
-    StoreCorruptError when the file is damaged: fewer entries readable than it holds.
+    StoreCorruptError when a file is damaged: fewer entries readable than it holds.
     """
-    snapshot = open_snapshot(path, busy_timeout)
-    if snapshot is None:
-        return Snapshot({}, {}, {})
-    try:
-        result, count, expected = _read_entries(snapshot)
-        if expected is None:  # written before "#count": gdbm's own check must do
-            len(snapshot)
-        elif count != expected:
-            raise StoreCorruptError(f"the grant store {path} is damaged: {count} of its {expected} entries "
-                                    "are readable")
-    except (_gdbm.error, KeyError) as error:  # KeyError: a key listed whose value cannot be found
-        raise StoreCorruptError(f"the grant store {path} is damaged: {error}") from None
-    finally:
-        snapshot.close()
+    result = Snapshot({}, {}, {})
+    for kind, key, value in iterate_store(path, busy_timeout):
+        if kind == "grant":
+            result.grants[key] = value
+        elif kind == "metadata":
+            result.metadata[key] = value
+        elif kind == "undecodable":
+            result.undecodable[key] = value
+        else:
+            result.generation = value
     return result
 
 
+def iterate_store(path: str, busy_timeout: float):
+    """The store's entries one by one, checked for damage, without holding them all:
+    ("grant", address, Grant), ("metadata", name, text), ("undecodable", raw key, raw
+    value) and ("generation", None, value). Raises StoreCorruptError as read_snapshot."""
+    for _ in range(3):
+        snapshot = open_snapshot(path, busy_timeout)
+        if snapshot is None:
+            return
+        try:
+            yield from _iterate_open(snapshot, path)
+            return
+        except BaseGoneError:
+            continue  # nothing was yielded yet: the base is opened before its first entry
+        finally:
+            snapshot.close()
+    raise StoreBusyError(f"the grant store {path} changed its base three times while it was read")
+
+
+def _iterate_open(snapshot: OpenStore, path: str):
+    try:
+        base = snapshot.base()  # before anything is yielded, so that a vanished base can be retried
+        top_entries = {}
+        count, expected = 0, None
+        key = snapshot.top.firstkey()
+        while key is not None:
+            value = snapshot.top[key]
+            if key == COUNT_KEY:
+                expected = int(value) if value.isdigit() else -1
+            else:
+                count += 1
+                top_entries[key] = value
+            key = snapshot.top.nextkey(key)
+        _check_count(snapshot.top, path, count, expected)
+        generation = top_entries.get(GENERATION_KEY)
+        if generation is not None:
+            yield "generation", None, generation
+        for key, value in top_entries.items():
+            if key in STRUCTURE_KEYS or value == TOMBSTONE:
+                continue
+            yield _entry(key, value)
+        if base is None:
+            return
+        count, expected = 0, None
+        key = base.firstkey()
+        while key is not None:
+            value = base[key]
+            if key == COUNT_KEY:
+                expected = int(value) if value.isdigit() else -1
+            else:
+                count += 1
+                if key not in top_entries and not key.startswith(b"#"):
+                    yield _entry(key, value)
+            key = base.nextkey(key)
+        _check_count(base, snapshot.base_path, count, expected)
+    except (_gdbm.error, KeyError) as error:  # KeyError: a key listed whose value cannot be found
+        raise StoreCorruptError(f"the grant store {path} is damaged: {error}") from None
+
+
+def _check_count(handle, path: str, count: int, expected: int | None) -> None:
+    if expected is None:  # written before "#count": gdbm's own check must do
+        len(handle)
+    elif count != expected:
+        raise StoreCorruptError(f"the grant store {path} is damaged: {count} of its {expected} entries "
+                                "are readable")
+
+
+def _entry(key: bytes, value: bytes) -> tuple:
+    try:
+        name = key.decode()
+        if name.startswith(METADATA_PREFIX):
+            return "metadata", name[len(METADATA_PREFIX):], value.decode()
+        return "grant", name, decode_grant(name, value)
+    except (UnicodeDecodeError, GrantDecodeError):
+        return "undecodable", key, value
+
+
 def salvage_snapshot(path: str) -> Snapshot:
-    """What can still be read of a damaged snapshot, as far as gdbm gets; never raises."""
+    """What can still be read of a damaged store, as far as gdbm gets; never raises."""
+    result = Snapshot({}, {}, {})
     try:
-        snapshot = open_snapshot(path, busy_timeout=0)
-    except StoreError:
-        return Snapshot({}, {}, {})
+        for kind, key, value in _iterate_unchecked(path):
+            if kind == "grant":
+                result.grants[key] = value
+    except Exception:  # noqa: BLE001 - whatever the damage, what was read so far is kept
+        pass
+    return result
+
+
+def _iterate_unchecked(path: str):
+    snapshot = open_snapshot(path, busy_timeout=0)
     if snapshot is None:
-        return Snapshot({}, {}, {})
+        return
     try:
-        return _read_entries(snapshot, partial := Snapshot({}, {}, {}))[0]
-    except (_gdbm.error, KeyError):
-        return partial
+        for handle in (snapshot.top, snapshot.base() if snapshot.base_name else None):
+            if handle is None:
+                continue
+            key = handle.firstkey()
+            while key is not None:
+                value = handle[key]
+                if not key.startswith(b"#") and value != TOMBSTONE:
+                    yield _entry(key, value)
+                key = handle.nextkey(key)
     finally:
         snapshot.close()
-
-
-def _read_entries(snapshot, result: Snapshot | None = None) -> tuple[Snapshot, int, int | None]:
-    """(entries, how many keys were read besides "#count", the count the snapshot records)."""
-    result = result if result is not None else Snapshot({}, {}, {})
-    count = 0
-    expected = None
-    key = snapshot.firstkey()
-    while key is not None:
-        value = snapshot[key]
-        if key == COUNT_KEY:
-            expected = int(value) if value.isdigit() else -1
-            key = snapshot.nextkey(key)
-            continue
-        count += 1
-        if key == GENERATION_KEY:
-            result.generation = value
-            key = snapshot.nextkey(key)
-            continue
-        try:
-            name = key.decode()
-            if name.startswith(METADATA_PREFIX):
-                result.metadata[name[len(METADATA_PREFIX):]] = value.decode()
-            else:
-                result.grants[name] = decode_grant(name, value)
-        except (UnicodeDecodeError, GrantDecodeError):
-            result.undecodable[key] = value
-        key = snapshot.nextkey(key)
-    return result, count, expected

@@ -1,27 +1,36 @@
-"""The grant store, write side: one writer at a time publishes complete snapshots.
+"""The grant store, write side: one writer at a time publishes a new top (store.py says what that is).
 
 A transaction takes an exclusive flock on PATH.lock (writers only; readers never touch
-it), starts from the current snapshot, and on success writes the new snapshot to
-PATH.new, fsyncs it, renames it over PATH and fsyncs the directory. A crash at any
-point leaves the previous snapshot in place. See store.py for the reader side.
+it), starts from the published state, and on success writes the new top to PATH.new,
+fsyncs it, renames it over PATH and fsyncs the directory: one data sync and one
+directory sync. A crash at any point leaves the previous state in place.
 
-A commit costs what it changes, not what the store holds (a busy site keeps thousands
-of grants, and poplock-reader commits on every login): PATH.new starts as a copy of
-the published file, which is never written after publication, and only the changed
-keys are written into the copy. Every snapshot carries a random generation, so a
-writer that published the current snapshot itself (same generation, same file) reuses
-what it holds in memory instead of reading the file back. After as many changed keys as
-the store holds, a snapshot is written afresh, which keeps the file compact.
+A commit costs what it changes, not what the store holds (an ISP keeps a million grants,
+and poplock-reader commits on every login):
 
-If writing into the copy fails (the published file is damaged, or the disk is full),
-the snapshot is written afresh from what the writer holds, which was read whole and
-checked; if that fails too, the commit fails with StoreError and the old snapshot stays.
-A damaged published snapshot makes a transaction raise StoreCorruptError: the caller
-rebuilds the store from the journal (reader.py) and publishes it with replace=True,
-which keeps the damaged file as PATH.damaged-TIME for a post-mortem.
+  * The top holds only the changes since the last merge, so it stays small. PATH.new
+    starts as a copy of the published top, which is never written after publication,
+    and only the changed keys are written into the copy. Nothing reads or copies the
+    base on a commit, beyond looking up the keys that change.
+  * A writer keeps what it published in memory (the top's entries, not the base's),
+    and reuses it while the file is still that one: same random generation, same file.
+  * Once the top holds MERGE_AFTER entries, its changes are merged into a new base:
+    poplock-reader does it in a child process, off the login path (merge_in_background,
+    finish_merge), and publishes a new top naming the new base with whatever changed
+    meanwhile; other writers, and commits that change very many keys at once (a
+    catch-up, an import, an expiry), merge in the commit itself. A new base is written
+    to its own name, fsynced, and only then named by a top; the old one is removed
+    after that.
 
-The snapshot belongs to the owner and group of the store's directory, mode 0640, so
-that a root `poplock add` leaves a file the reader daemon and the SMTP side can read.
+If writing into the copy fails (the published top is damaged, or the disk is full), the
+top is written afresh from what the writer holds, which was read whole and checked; if
+that fails too, the commit fails with StoreError and the old state stays. A damaged
+top makes a transaction raise StoreCorruptError: the caller rebuilds the store from the
+journal (reader.py) and publishes it with replace=True and keep_damaged=True, which keeps the
+damaged file as PATH.damaged-TIME (the newest three) for a post-mortem.
+
+Every file belongs to the owner and group of the store's directory, mode 0640, so that a
+root `poplock add` leaves files the reader daemon and the SMTP side can read.
 """
 
 from __future__ import annotations
@@ -30,67 +39,216 @@ import _gdbm
 import fcntl
 import logging
 import os
-import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 
-from poplock.errors import StoreBusyError, StoreError
-from poplock.grants import Grant, encode_grant
-from poplock.store import COUNT_KEY, GENERATION_KEY, METADATA_PREFIX, Snapshot, open_snapshot, read_snapshot
+from poplock.errors import StoreBusyError, StoreCorruptError, StoreError
+from poplock.grants import Grant, GrantDecodeError, decode_grant, encode_grant
+from poplock.store import (
+    BASE_KEY,
+    COUNT_KEY,
+    EPOCH_KEY,
+    GENERATION_KEY,
+    GRANTS_KEY,
+    METADATA_PREFIX,
+    TOMBSTONE,
+    open_snapshot,
+)
 
 log = logging.getLogger("poplock.store")
 
 SNAPSHOT_MODE = 0o640
 LOCK_MODE = 0o600
-REWRITE_AFTER = 1000  # changed keys before a fresh snapshot, at the least (see above)
+MERGE_AFTER = 4096  # top entries before they are merged into a new base (about 400 kB of top)
+MERGE_NOW_AFTER = 4 * MERGE_AFTER  # a commit leaving more than this merges at once
+REWRITE_AFTER = 1000  # changed keys before a base-less top is written afresh, at the least
+
+
+class State:
+    """What a writer knows of one published state: the top's entries, not the base's."""
+
+    def __init__(self, grants: dict, metadata: dict, undecodable: dict, base_name: str | None, total: int,
+                 generation: bytes | None = None):
+        self.grants = grants  # address -> Grant, or None for a tombstone over the base's grant
+        self.metadata = metadata  # name -> text
+        self.undecodable = undecodable  # raw key -> raw value this version cannot read (kept as is)
+        self.base_name = base_name
+        self.total = total  # grants in the whole store
+        self.generation = generation
+        self.epoch: bytes = b""
+        self.identity: tuple | None = None
+        self.afresh = False  # the published top cannot be copied (an upgraded store of the first format)
+
+
+class Base:
+    """The base file of a state, opened read-only when first needed."""
+
+    def __init__(self, path: str, name: str | None):
+        self.name = name
+        self.path = f"{os.path.dirname(path) or '.'}/{name}" if name else None
+        self._handle = None
+
+    def get(self, address: str) -> bytes | None:
+        if self.path is None:
+            return None
+        if self._handle is None:
+            try:
+                self._handle = _gdbm.open(self.path, "r")
+            except _gdbm.error as error:
+                raise StoreError(f"cannot read the store's base {self.path}: {error.args[-1]}") from None
+        value = self._handle.get(address.encode())
+        return None if value == TOMBSTONE else value
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class Grants(MutableMapping):
+    """address -> Grant for the whole store as this transaction changes it; reads the base only
+    for the keys asked for, and holds only the changes."""
+
+    def __init__(self, state: State, base: Base, *, cleared: bool = False):
+        self._state = state
+        self._base = base
+        self.changes: dict[str, Grant | None] = {}
+        self.cleared = cleared
+
+    def _published(self, address: str) -> Grant | None:
+        if self.cleared:
+            return None
+        if address in self._state.grants:
+            return self._state.grants[address]
+        value = self._base.get(address)
+        if value is None:
+            return None
+        try:
+            return decode_grant(address, value)
+        except GrantDecodeError:
+            return None  # kept as it is until a grant replaces it
+
+    def __getitem__(self, address: str) -> Grant:
+        grant = self.changes[address] if address in self.changes else self._published(address)
+        if grant is None:
+            raise KeyError(address)
+        return grant
+
+    def __setitem__(self, address: str, grant: Grant) -> None:
+        self.changes[address] = grant
+
+    def __delitem__(self, address: str) -> None:
+        self[address]  # KeyError when there is none
+        self.changes[address] = None
+
+    def clear(self) -> None:
+        self.changes = {}
+        self.cleared = True
+
+    def __iter__(self):
+        for address, _ in self.items():
+            yield address
+
+    def items(self):
+        """(address, Grant) for every grant, the base's streamed from its file."""
+        changes = dict(self.changes)
+        for address, grant in changes.items():
+            if grant is not None:
+                yield address, grant
+        if self.cleared:
+            return
+        for address, grant in list(self._state.grants.items()):
+            if grant is not None and address not in changes:
+                yield address, grant
+        if self._base.path is None:
+            return
+        self._base.get("")  # opens it
+        handle = self._base._handle
+        key = handle.firstkey()
+        while key is not None:
+            if not key.startswith(b"#"):
+                address = key.decode("utf-8", "replace")
+                if address not in changes and address not in self._state.grants:
+                    try:
+                        yield address, decode_grant(address, handle[key])
+                    except GrantDecodeError:
+                        pass
+            key = handle.nextkey(key)
+
+    def values(self):
+        return [grant for _, grant in self.items()]
+
+    def __len__(self) -> int:
+        if self.cleared:
+            return sum(grant is not None for grant in self.changes.values())
+        total = self._state.total
+        for address, grant in self.changes.items():
+            total += (grant is not None) - (self._published(address) is not None)
+        return total
 
 
 class Transaction:
     """What is being changed: `grants` (address -> Grant) and `metadata` (name -> text)."""
 
-    def __init__(self, grants: dict[str, Grant], metadata: dict[str, str]):
+    def __init__(self, grants: Grants, metadata: dict[str, str]):
         self.grants = grants
         self.metadata = metadata
 
 
 class StoreWriter:
-    def __init__(self, path: str, *, lock_timeout: float = 10.0):
+    """The store's writer. `background_merges`: the caller (poplock-reader) merges the top
+    with merge_in_background() once merge_due(), so its commits merge only when they leave
+    a top of more than MERGE_NOW_AFTER entries; other writers merge at MERGE_AFTER."""
+
+    def __init__(self, path: str, *, lock_timeout: float = 10.0, background_merges: bool = False):
         self.path = path
         self.lock_timeout = lock_timeout
-        # What this writer last published: (file identity, Snapshot with its generation).
-        self._published: tuple[tuple, Snapshot] | None = None
+        self.merge_after = MERGE_NOW_AFTER if background_merges else MERGE_AFTER
+        self._published: State | None = None  # what this writer last published
+        self._base: Base | None = None
         self._changes_since_rewrite = 0
+        self._merge: tuple[int, int, State, str] | None = None  # (child pid, pipe fd, state merged, new base)
+
+    @property
+    def directory(self) -> str:
+        return os.path.dirname(self.path) or "."
 
     @contextmanager
-    def transaction(self, *, replace: bool = False) -> Iterator[Transaction]:
+    def transaction(self, *, replace: bool = False, keep_damaged: bool = False) -> Iterator[Transaction]:
         """Lock, load, let the caller change the grants, publish if anything changed.
 
-        `replace`: start from nothing instead of the published snapshot (which may be
-        damaged: it is not read) and publish the result afresh, keeping the old file
-        as PATH.damaged-TIME. Raises StoreCorruptError when the published snapshot is
-        damaged and `replace` is not given.
+        `replace`: start from nothing instead of the published state (which may be
+        damaged: it is not read) and publish the result afresh; with `keep_damaged`, the
+        old top is kept as PATH.damaged-TIME. Raises StoreCorruptError when the
+        published top is damaged and `replace` is not given.
         """
         lock_fd = self._lock()
         try:
-            current = Snapshot({}, {}, {}) if replace else self._load()
-            transaction = Transaction(dict(current.grants), dict(current.metadata))
+            state = State({}, {}, {}, None, 0) if replace else self._load()
+            base = self._base_for(state)
+            transaction = Transaction(Grants(state, base, cleared=replace), dict(state.metadata))
             yield transaction
-            changes = _changed_keys(current, transaction)
-            if changes or replace:
-                self._publish(transaction, current, changes, replace=replace)
+            if transaction.grants.changes or transaction.grants.cleared or transaction.metadata != state.metadata:
+                self._publish(state, base, transaction, replace=replace, keep_damaged=keep_damaged)
         finally:
             os.close(lock_fd)  # releases the flock
 
+    def _base_for(self, state: State) -> Base:
+        if self._base is None or self._base.name != state.base_name:
+            if self._base is not None:
+                self._base.close()
+            self._base = Base(self.path, state.base_name)
+        return self._base
+
     def _lock(self) -> int:
-        directory = os.path.dirname(self.path) or "."
         lock_path = self.path + ".lock"
         try:
             fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, LOCK_MODE)
         except OSError as error:
             raise StoreError(f"cannot open the store lock {lock_path}: {error.strerror}") from None
         try:
-            self._give_to_directory_owner(fd, directory)
+            self._give_to_directory_owner(fd)
             deadline = time.monotonic() + self.lock_timeout
             while True:
                 try:
@@ -108,24 +266,97 @@ class StoreWriter:
             os.close(fd)
             raise
 
-    def _load(self) -> Snapshot:
-        """The current snapshot: the one this writer published, if the file is still that one."""
-        if self._published is not None and self._still_published(*self._published):
-            return self._published[1]
+    # --- loading -------------------------------------------------------------------------------
+
+    def _load(self) -> State:
+        """The published state: the one this writer published, if the file is still that one."""
+        if self._published is not None and self._still_published(self._published):
+            return self._published
         self._published = None
         self._changes_since_rewrite = 0
-        # Read afresh: another writer has published since (or this one never did).
-        snapshot = read_snapshot(self.path, busy_timeout=1.0)
-        if snapshot.undecodable:
+        state = self._read_top()
+        if state.undecodable:
             log.warning("%s: %d entries this version cannot read are kept as they are",
-                        self.path, len(snapshot.undecodable))
-        return snapshot
+                        self.path, len(state.undecodable))
+        return state
 
-    def _still_published(self, identity: tuple, published: Snapshot) -> bool:
-        # The generation tells another writer's snapshot apart (a file identity alone can
-        # recur, inodes being reused); the identity catches a program writing in place.
+    def _read_top(self) -> State:
+        """The top read whole and checked (StoreCorruptError when damaged)."""
+        snapshot = open_snapshot(self.path, busy_timeout=1.0)
+        if snapshot is None:
+            return State({}, {}, {}, None, 0)
         try:
-            if _identity(os.stat(self.path)) != identity:
+            entries, count, expected = {}, 0, None
+            top = snapshot.top
+            key = top.firstkey()
+            while key is not None:
+                value = top[key]
+                if key == COUNT_KEY:
+                    expected = int(value) if value.isdigit() else -1
+                else:
+                    count += 1
+                    entries[key] = value
+                key = top.nextkey(key)
+            if expected is None:
+                len(top)  # written before "#count": gdbm's own check must do
+            elif count != expected:
+                raise StoreCorruptError(f"the grant store {self.path} is damaged: {count} of its {expected} "
+                                        "entries are readable")
+            identity = _identity(os.stat(self.path))  # under the lock: no poplock writer replaces it now
+        except (_gdbm.error, KeyError) as error:
+            raise StoreCorruptError(f"the grant store {self.path} is damaged: {error}") from None
+        finally:
+            snapshot.close()
+        state = self._state_of(entries)
+        state.identity = identity
+        return state
+
+    def _state_of(self, entries: dict[bytes, bytes]) -> State:
+        base = entries.pop(BASE_KEY, None)
+        total = entries.pop(GRANTS_KEY, None)
+        generation = entries.pop(GENERATION_KEY, None)
+        epoch = entries.pop(EPOCH_KEY, b"")
+        grants, metadata, undecodable = {}, {}, {}
+        for key, value in entries.items():
+            try:
+                name = key.decode()
+                if name.startswith(METADATA_PREFIX):
+                    metadata[name[len(METADATA_PREFIX):]] = value.decode()
+                elif value == TOMBSTONE:
+                    grants[name] = None
+                else:
+                    grants[name] = decode_grant(name, value)
+            except (UnicodeDecodeError, GrantDecodeError):
+                undecodable[key] = value
+        if base is None:  # no base: everything is in the top
+            state = State(grants, metadata, undecodable, None, sum(g is not None for g in grants.values()))
+            if total is None and len(grants) > MERGE_AFTER:  # a big store of the first format: the first base
+                state = self._upgrade(state)
+            state.generation = generation
+            state.epoch = epoch
+            return state
+        state = State(grants, metadata, undecodable, base.decode(), int(total) if total and total.isdigit() else
+                      sum(g is not None for g in grants.values()), generation)
+        state.epoch = epoch
+        return state
+
+    def _upgrade(self, state: State) -> State:
+        """A one-file store (the first format) of many grants: the file itself becomes the base,
+        by a hard link, and the first commit writes a top of its own."""
+        name = f"{os.path.basename(self.path)}.base-{os.urandom(8).hex()}"
+        os.link(self.path, f"{self.directory}/{name}")
+        _fsync_directory(self.directory)
+        log.info("%s: %d grants become the base %s", self.path, state.total, name)
+        upgraded = State({}, state.metadata, {}, name, state.total)
+        upgraded.afresh = True
+        upgraded.epoch = os.urandom(8).hex().encode()
+        return upgraded
+
+    def _still_published(self, published: State) -> bool:
+        # The generation tells another writer's top apart (a file identity alone can recur,
+        # inodes being reused); the identity catches a program writing in place.
+        try:
+            if _identity(os.stat(self.path)) != published.identity:
                 return False
             snapshot = open_snapshot(self.path, busy_timeout=1.0)
         except (OSError, StoreError):
@@ -133,75 +364,253 @@ class StoreWriter:
         if snapshot is None:
             return False
         try:
-            return snapshot.get(GENERATION_KEY) == published.generation
+            return snapshot.top.get(GENERATION_KEY) == published.generation
         except _gdbm.error:
             return False
         finally:
             snapshot.close()
 
-    def _publish(self, transaction: Transaction, current: Snapshot, changes: dict[bytes, bytes | None],
-                 *, replace: bool) -> None:
-        directory = os.path.dirname(self.path) or "."
+    # --- publishing ----------------------------------------------------------------------------
+
+    def _publish(self, state: State, base: Base, transaction: Transaction, *, replace: bool,
+                 keep_damaged: bool) -> None:
+        grants = transaction.grants
+        cleared = grants.cleared
+        total = len(grants)
+        new = State({} if cleared else dict(state.grants), dict(transaction.metadata),
+                    {} if replace else dict(state.undecodable), None if cleared else state.base_name, total)
+        changed: dict[bytes, bytes | None] = {}  # the top's raw keys: new value, None to delete
+        for address, grant in grants.changes.items():
+            key = address.encode()
+            if grant is not None:
+                new.grants[address] = grant
+                changed[key] = encode_grant(grant)
+            elif new.base_name is not None and base.get(address) is not None:
+                new.grants[address] = None  # the base's grant is withdrawn
+                changed[key] = TOMBSTONE
+            else:
+                new.grants.pop(address, None)
+                changed[key] = None
+            new.undecodable.pop(key, None)
+        for name in state.metadata.keys() - new.metadata.keys():
+            changed[(METADATA_PREFIX + name).encode()] = None
+        for name, text in new.metadata.items():
+            if state.metadata.get(name) != text:
+                changed[(METADATA_PREFIX + name).encode()] = text.encode()
+        new.epoch = state.epoch if not (cleared or replace) else os.urandom(8).hex().encode()
+        merged = len(new.grants) > self.merge_after
+        if merged:
+            new.epoch = os.urandom(8).hex().encode()
+            new.base_name = self._write_base(base if new.base_name else None, new.grants)
+            new.grants = {}
+        self._changes_since_rewrite += len(changed)
+        afresh = replace or cleared or state.afresh or merged or (
+            new.base_name is None and self._changes_since_rewrite >= max(REWRITE_AFTER, len(new.grants)))
+        self._write_top(new, state, changed, afresh=afresh, keep_damaged=keep_damaged)
+        if state.base_name != new.base_name:
+            self._remove_old_bases(keep=(new.base_name, state.base_name))
+
+    def _write_top(self, new: State, old: State, changed: dict[bytes, bytes | None], *, afresh: bool,
+                   keep_damaged: bool = False) -> None:
         new_path = self.path + ".new"
-        generation = os.urandom(8).hex().encode()
-        count = _count(transaction, current.undecodable)
-        self._changes_since_rewrite += len(changes)
-        rewrite = replace or self._changes_since_rewrite >= max(REWRITE_AFTER, len(transaction.grants))
+        new.generation = os.urandom(8).hex().encode()
+        structure = {GENERATION_KEY: new.generation, GRANTS_KEY: b"%d" % new.total, EPOCH_KEY: new.epoch}
+        if new.base_name is not None:
+            structure[BASE_KEY] = new.base_name.encode()
+        count = len(new.grants) + len(new.metadata) + len(new.undecodable) + len(structure)
+        step = f"writing {new_path}"
         try:
             if os.path.lexists(new_path):
                 os.unlink(new_path)  # left by a writer that crashed; we hold the lock
-            if rewrite or not self._write_into_copy(new_path, changes, generation, count):
-                self._changes_since_rewrite = 0
-                _write_afresh(new_path, transaction, current.undecodable, generation, changes, count)
-            fd = os.open(new_path, os.O_RDONLY | os.O_CLOEXEC)
+            # Opened before gdbm writes, so that its fsync reports any write-back error of
+            # gdbm's own (CPython's gdbm module ignores what msync and close return).
+            fd = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SNAPSHOT_MODE)
             try:
+                if afresh or not self._write_into_copy(fd, new_path, changed, structure, old, count):
+                    self._changes_since_rewrite = 0
+                    _write_top_afresh(new_path, new, structure, count)
                 os.fchmod(fd, SNAPSHOT_MODE)
-                self._give_to_directory_owner(fd, directory)
+                self._give_to_directory_owner(fd)
                 os.fsync(fd)
-                identity = _identity(os.fstat(fd))
+                new.identity = _identity(os.fstat(fd))
             finally:
                 os.close(fd)
-            if replace and os.path.lexists(self.path):
-                aside = f"{self.path}.damaged-{int(time.time())}"
-                if not os.path.lexists(aside):
-                    os.link(self.path, aside)  # the old file, kept for a post-mortem
+            if keep_damaged and os.path.lexists(self.path):
+                step = "keeping the damaged store aside"
+                self._keep_aside()
+            step = f"renaming {new_path} to {self.path}"
             os.replace(new_path, self.path)
-            _fsync_directory(directory)
         except OSError as error:
             self._published = None
             _remove_quietly(new_path)
-            raise StoreError(f"cannot write the grant store {self.path}: {_describe(error)}") from None
-        self._published = (identity, Snapshot(dict(transaction.grants), dict(transaction.metadata),
-                                              current.undecodable, generation))
+            raise StoreError(f"cannot write the grant store {self.path}: {error.strerror or error} ({step})") from None
+        self._published = new
+        try:
+            _fsync_directory(self.directory)
+        except OSError as error:  # published and visible already: not a failed commit
+            log.warning("published %s, but could not sync its directory (%s): a crash now could bring back "
+                        "the state before", self.path, error.strerror or error)
 
-    def _write_into_copy(self, new_path: str, changes: dict[bytes, bytes | None], generation: bytes,
-                         count: int) -> bool:
-        """PATH.new as a copy of the published file with `changes` written in; False if that failed."""
+    def _keep_aside(self) -> None:
+        """The damaged top, kept as PATH.damaged-TIME (the newest three of them) for a post-mortem."""
+        aside = f"{self.path}.damaged-{int(time.time())}"
+        if not os.path.lexists(aside):
+            os.link(self.path, aside)
+        prefix = os.path.basename(self.path) + ".damaged-"
+        kept = sorted(name for name in os.listdir(self.directory) if name.startswith(prefix))
+        for name in kept[:-3]:
+            _remove_quietly(f"{self.directory}/{name}")
+
+    def _write_into_copy(self, fd: int, new_path: str, changed: dict[bytes, bytes | None], structure: dict,
+                         old: State, count: int) -> bool:
+        """PATH.new (open as `fd`) as a copy of the published top with the changes written in;
+        False if that failed."""
         try:
             published = open_snapshot(self.path, busy_timeout=1.0)
         except StoreError as error:
-            log.warning("%s; writing the new snapshot afresh", error)
+            log.warning("%s; writing the new top afresh", error)
             return False
         if published is None:
             return False
         try:  # copied under gdbm's read lock: no program can be writing it in place
-            shutil.copyfile(self.path, new_path)
+            with open(self.path, "rb") as source:
+                size = os.fstat(source.fileno()).st_size
+                copied = 0
+                while copied < size:
+                    sent = os.sendfile(fd, source.fileno(), copied, size - copied)
+                    if sent == 0:
+                        break
+                    copied += sent
         finally:
             published.close()
         try:
-            _write_changes(new_path, changes, generation, count)
+            snapshot = _gdbm.open(new_path, "w")
+            try:
+                for key, value in changed.items():
+                    if value is not None:
+                        snapshot[key] = value
+                    elif key in snapshot:
+                        del snapshot[key]
+                if old.base_name is not None and BASE_KEY not in structure:
+                    del snapshot[BASE_KEY]
+                for key, value in structure.items():
+                    snapshot[key] = value
+                snapshot[COUNT_KEY] = b"%d" % count
+            finally:
+                snapshot.close()
         except OSError as error:  # _gdbm.error too: a damaged copy, or the disk is full
-            log.warning("cannot write the changes into a copy of %s (%s); writing the new snapshot afresh",
+            log.warning("cannot write the changes into a copy of %s (%s); writing the new top afresh",
                         self.path, _describe(error))
-            _remove_quietly(new_path)
+            os.ftruncate(fd, 0)
             return False
         return True
 
-    @staticmethod
-    def _give_to_directory_owner(fd: int, directory: str) -> None:
+    def _write_base(self, base: Base | None, top: dict[str, Grant | None]) -> str:
+        """A new base holding `base` with `top` applied, fsynced under a name of its own; its name."""
+        name = f"{os.path.basename(self.path)}.base-{os.urandom(8).hex()}"
+        path = f"{self.directory}/{name}"
+        try:
+            _write_base_file(path, base.path if base is not None else None, top)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._give_to_directory_owner(fd)
+            finally:
+                os.close(fd)
+        except OSError as error:
+            _remove_quietly(path)
+            raise StoreError(f"cannot write the store's base {path}: {_describe(error)}") from None
+        return name
+
+    # --- merging off the login path (poplock-reader) --------------------------------------------
+
+    def merge_due(self) -> bool:
+        """The top this writer published has grown past MERGE_AFTER, and no merge is running."""
+        return self._merge is None and self._published is not None and len(self._published.grants) >= MERGE_AFTER
+
+    def merge_in_background(self) -> int:
+        """Start writing a new base in a child process; returns a descriptor that turns readable
+        when the child is done (then call finish_merge)."""
+        state = self._published
+        name = f"{os.path.basename(self.path)}.base-{os.urandom(8).hex()}"
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the child: write the base, say how it went by the exit status, nothing else
+            os.close(read_fd)
+            status = 1
+            try:
+                path = f"{self.directory}/{name}"
+                # Left as NAME.new: only finish_merge, under the lock, gives it its name, so
+                # that no other writer takes it for a base that no top names.
+                _write_base_file(path, Base(self.path, state.base_name).path, state.grants, rename=False)
+                if os.geteuid() == 0:
+                    owner = os.stat(self.directory)
+                    os.chown(path + ".new", owner.st_uid, owner.st_gid)
+                status = 0
+            except BaseException:  # noqa: BLE001 - the parent reports it, and the top keeps growing
+                pass
+            os._exit(status)
+        os.close(write_fd)
+        self._merge = (pid, read_fd, state, name)
+        return read_fd
+
+    def finish_merge(self) -> None:
+        """Publish a top that names the new base, with what changed since the merge began."""
+        pid, read_fd, merged, name = self._merge
+        self._merge = None
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+        path = f"{self.directory}/{name}"
+        if status != 0:
+            _remove_quietly(path + ".new")
+            log.warning("could not merge the top of %s into a new base (status %d); will try again", self.path,
+                        status)
+            return
+        lock_fd = self._lock()
+        try:
+            state = self._load()
+            if state.epoch != merged.epoch:  # another writer flushed, replaced or merged meanwhile
+                _remove_quietly(path + ".new")
+                return
+            os.replace(path + ".new", path)
+            _fsync_directory(self.directory)
+            new = State({}, dict(state.metadata), dict(state.undecodable), name, state.total)
+            new.epoch = os.urandom(8).hex().encode()
+            for address, grant in state.grants.items():
+                if address in merged.grants and merged.grants[address] == grant:
+                    continue  # in the new base now (a grant), or gone from it (a tombstone)
+                new.grants[address] = grant
+            for address, grant in merged.grants.items():
+                if grant is not None and address not in state.grants:
+                    new.grants[address] = None  # in the new base, but removed since the merge began
+            self._write_top(new, state, {}, afresh=True)
+            self._remove_old_bases(keep=(name, merged.base_name))
+        finally:
+            os.close(lock_fd)
+
+    def _remove_old_bases(self, keep: tuple) -> None:
+        """Remove the bases no top names, but the one just replaced: a reader that opened the
+        previous top a moment ago may still be about to open it (then it starts again)."""
+        prefix = os.path.basename(self.path) + ".base-"
+        for name in os.listdir(self.directory):
+            if name.startswith(prefix) and not name.endswith(".new") and name not in keep:
+                _remove_quietly(f"{self.directory}/{name}")
+
+    def cancel_merge(self) -> None:
+        if self._merge is not None:
+            pid, read_fd, _, name = self._merge
+            self._merge = None
+            os.close(read_fd)
+            try:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+            _remove_quietly(f"{self.directory}/{name}.new")
+
+    def _give_to_directory_owner(self, fd: int) -> None:
         if os.geteuid() != 0:
             return
-        owner = os.stat(directory)
+        owner = os.stat(self.directory)
         os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
@@ -213,52 +622,60 @@ def store_writers(path: str) -> frozenset[int]:
         return frozenset({0})
 
 
-def _write_changes(path: str, changes: dict[bytes, bytes | None], generation: bytes, count: int) -> None:
-    snapshot = _gdbm.open(path, "w")
-    try:
-        for key, value in changes.items():
-            if value is not None:
-                snapshot[key] = value
-            elif key in snapshot:
-                del snapshot[key]
-        snapshot[GENERATION_KEY] = generation
-        snapshot[COUNT_KEY] = b"%d" % count
-    finally:
-        snapshot.close()
-
-
-def _write_afresh(path: str, transaction: Transaction, undecodable: dict[bytes, bytes], generation: bytes,
-                  encoded: dict[bytes, bytes | None], count: int) -> None:
-    """A new snapshot of everything; `encoded` has the changed grants' values already."""
+def _write_top_afresh(path: str, state: State, structure: dict, count: int) -> None:
     snapshot = _gdbm.open(path, "nf", SNAPSHOT_MODE)
     try:
-        for key, value in undecodable.items():  # first: a grant written for the same key wins, as in a copy
+        for key, value in state.undecodable.items():
             snapshot[key] = value
-        for address, grant in transaction.grants.items():
-            key = address.encode()
-            value = encoded.get(key)
-            snapshot[key] = value if value is not None else encode_grant(grant)
-        for name, text in transaction.metadata.items():
+        for address, grant in state.grants.items():
+            snapshot[address.encode()] = encode_grant(grant) if grant is not None else TOMBSTONE
+        for name, text in state.metadata.items():
             snapshot[(METADATA_PREFIX + name).encode()] = text.encode()
-        snapshot[GENERATION_KEY] = generation
+        for key, value in structure.items():
+            snapshot[key] = value
         snapshot[COUNT_KEY] = b"%d" % count
     finally:
         snapshot.close()
 
 
-def _count(transaction: Transaction, undecodable: dict[bytes, bytes]) -> int:
-    """How many keys the new snapshot holds besides "#count" (store.py's damage check)."""
-    kept = 0
-    for key in undecodable:  # those a grant or bookkeeping value now replaces are gone
-        try:
-            name = key.decode()
-        except UnicodeDecodeError:
-            kept += 1
-            continue
-        replaced = name[len(METADATA_PREFIX):] in transaction.metadata if name.startswith(METADATA_PREFIX) \
-            else name in transaction.grants
-        kept += not replaced
-    return len(transaction.grants) + len(transaction.metadata) + kept + 1  # + "#generation"
+def _write_base_file(path: str, old_base: str | None, top: dict[str, Grant | None], *,
+                     rename: bool = True) -> None:
+    """`old_base` with `top` applied (tombstones remove), written to PATH.new and fsynced, then
+    (with `rename`) renamed to PATH, the directory synced."""
+    new_path = path + ".new"
+    fd = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, SNAPSHOT_MODE)  # see _write_top
+    try:
+        _fill_base(new_path, old_base, top)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if rename:
+        os.replace(new_path, path)
+        _fsync_directory(os.path.dirname(path) or ".")
+
+
+def _fill_base(new_path: str, old_base: str | None, top: dict[str, Grant | None]) -> None:
+    snapshot = _gdbm.open(new_path, "nf", SNAPSHOT_MODE)
+    count = 0
+    try:
+        if old_base is not None:
+            source = _gdbm.open(old_base, "r")
+            try:
+                key = source.firstkey()
+                while key is not None:
+                    if not key.startswith(b"#") and key.decode("utf-8", "replace") not in top:
+                        snapshot[key] = source[key]
+                        count += 1
+                    key = source.nextkey(key)
+            finally:
+                source.close()
+        for address, grant in top.items():
+            if grant is not None:
+                snapshot[address.encode()] = encode_grant(grant)
+                count += 1
+        snapshot[COUNT_KEY] = b"%d" % count
+    finally:
+        snapshot.close()
 
 
 def _identity(status: os.stat_result) -> tuple:
@@ -276,23 +693,6 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def _changed_keys(before: Snapshot, after: Transaction) -> dict[bytes, bytes | None]:
-    """Raw key -> new value (None: removed) for everything the transaction changed."""
-    changes: dict[bytes, bytes | None] = {}
-    for address, grant in after.grants.items():
-        old = before.grants.get(address)
-        if old is not grant and old != grant:  # most are the very objects loaded
-            changes[address.encode()] = encode_grant(grant)
-    for address in before.grants.keys() - after.grants.keys():
-        changes[address.encode()] = None
-    for name, text in after.metadata.items():
-        if before.metadata.get(name) != text:
-            changes[(METADATA_PREFIX + name).encode()] = text.encode()
-    for name in before.metadata.keys() - after.metadata.keys():
-        changes[(METADATA_PREFIX + name).encode()] = None
-    return changes
 
 
 def _fsync_directory(directory: str) -> None:

@@ -124,7 +124,7 @@ def test_a_read_only_store_directory_is_an_error_naming_the_path_and_leaks_nothi
                             capture_output=True, text=True, timeout=120)
     out, err = result.stdout, result.stderr
     assert "add=74" in out, (out, err)
-    assert f"poplock: error: cannot " in err and str(tmp_path / "ro") in err and "Read-only file system" in err
+    assert "poplock: error: cannot " in err and str(tmp_path / "ro") in err and "Read-only file system" in err
     assert "reader=75" in out, (out, err)
     assert f"cannot write the grant store {store}" in err or f"{store}.lock" in err, err
     assert "Traceback" not in err
@@ -146,7 +146,8 @@ def test_a_clock_stepped_back_a_day_does_not_keep_a_grant_for_a_day_and_the_wind
     assert behind.returncode == 1, behind
     assert "is in the future (was the clock stepped back?)" in behind.stdout
     relay = subprocess.run(["faketime", "-f", "-1d", command("relaylock"), "-c", str(setup.config), "--", "sh", "-c",
-                            'echo "ran ${RELAYCLIENT-unset}"'], env={"TCPREMOTEIP": "192.0.2.7", "PATH": "/usr/bin:/bin"},
+                            'echo "ran ${RELAYCLIENT-unset}"'],
+                           env={"TCPREMOTEIP": "192.0.2.7", "PATH": "/usr/bin:/bin"},
                            capture_output=True, text=True, timeout=30)
     assert relay.stdout == "ran unset\n", relay.stderr
     assert setup.may_relay("192.0.2.7")  # with the clock right again, the grant is as it was

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from support.journald import write_journal_file
 
+from poplock.logs import iso_time
 from poplock.storewriter import StoreWriter
 
 WINDOW = 1800
@@ -152,7 +153,8 @@ def test_the_cursor_file_is_a_copy_the_reader_never_resumes_from(setup, journal)
     write_journal_file(journal, [dovecot(login_line("192.0.2.70"), now - 100)])
     setup.cursor.write_text("garbage without any structure")
     result = setup.run_reader("--file", str(journal))
-    assert "no saved journal position; starting one window back" in result.stderr
+    # A cursor file without a store: there was a store, and it is lost.
+    assert f"the grant store {setup.store} is missing; rebuilding it from the journal" in result.stderr
     assert list(grants(setup)) == ["192.0.2.70"]
     assert setup.cursor.read_text().startswith("s=")  # written anew after the commit
 
@@ -267,3 +269,35 @@ def test_scan_all_sources_tries_every_built_in_server(setup, journal):
     everything = setup.run("scan", "--file", str(journal), "--json", "--all-sources", check=True)
     found = [(json.loads(line)["address"], json.loads(line)["source"]) for line in everything.stdout.splitlines()]
     assert found == [("192.0.2.120", "dovecot"), ("192.0.2.121", "courier")]
+
+
+def test_a_grant_by_hand_in_another_hosts_journal_is_not_replayed_here(setup, journal):
+    # A received journal carries the other host's root entries: its changes are its own store's.
+    now = time.time()
+    write_journal_file(journal, [
+        {"__REALTIME_TIMESTAMP": int((now - 60) * 1e6), "MESSAGE": "granted 203.0.113.9 until then by hand",
+         "MESSAGE_ID": "5df0f3db55ae4c64a84d7d653d22380e", "POPLOCK_STORE": str(setup.store),
+         "POPLOCK_CLIENT_ADDRESS": "203.0.113.9", "POPLOCK_EXPIRES": iso_time(now + 3600),
+         "_UID": 0, "_TRANSPORT": "journal", "_MACHINE_ID": "0123456789abcdef0123456789abcdef"},
+        dovecot(login_line("192.0.2.80"), now - 30),
+    ])
+    setup.run_reader("--file", str(journal))
+    assert list(grants(setup)) == ["192.0.2.80"]
+
+
+def test_a_store_another_program_holds_at_start_is_waited_for_not_replaced(setup, journal):
+    import _gdbm
+
+    now = time.time()
+    write_journal_file(journal, [dovecot(login_line("192.0.2.81"), now - 30)])
+    setup.run("add", "198.51.100.1", check=True)
+    holder = _gdbm.open(str(setup.store), "w")  # gdbmtool, writing in place, for longer than the reader waits
+    try:
+        result = setup.run_reader("--file", str(journal), check=False)
+    finally:
+        holder.close()
+    assert result.returncode == 75, result.stderr
+    assert "stayed locked by another program" in result.stderr
+    assert list(grants(setup)) == ["198.51.100.1"]  # not rebuilt away
+    setup.run_reader("--file", str(journal))
+    assert sorted(grants(setup)) == ["192.0.2.81", "198.51.100.1"]

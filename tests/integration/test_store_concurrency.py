@@ -5,8 +5,10 @@ wait at all (they are given no retries, so a single EAGAIN would be an error).
 """
 
 import multiprocessing
+import os
 import time
 
+import pytest
 from support.poplock import grant_keys
 
 from poplock.grants import Grant, decode_grant
@@ -23,8 +25,10 @@ def address(index: int) -> str:
     return f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}"
 
 
-def write_grants(path: str) -> None:
+def write_grants(path: str, merge_after: int | None) -> None:
     writer = StoreWriter(path)
+    if merge_after is not None:
+        writer.merge_after = merge_after  # merged into a new base every few commits
     for transaction_number in range(TRANSACTIONS):
         with writer.transaction() as transaction:
             for offset in range(GRANTS_PER_TRANSACTION):
@@ -68,14 +72,15 @@ def read_until(path: str, done, results) -> None:
     results.put((problems[:10], len(problems), reads, counts_seen, slowest))
 
 
-def test_readers_never_see_a_torn_store_and_never_wait_while_a_writer_commits(tmp_path):
+@pytest.mark.parametrize("merge_after", [None, 100], ids=["one level", "merging into new bases"])
+def test_readers_never_see_a_torn_store_and_never_wait_while_a_writer_commits(tmp_path, merge_after):
     path = str(tmp_path / "grants.db")
     context = multiprocessing.get_context("fork")
     done, results = context.Event(), context.Queue()
     readers = [context.Process(target=read_until, args=(path, done, results)) for _ in range(READERS)]
     for reader in readers:
         reader.start()
-    writer = context.Process(target=write_grants, args=(path,))
+    writer = context.Process(target=write_grants, args=(path, merge_after))
     writer.start()
     writer.join(300)
     done.set()
@@ -89,4 +94,7 @@ def test_readers_never_see_a_torn_store_and_never_wait_while_a_writer_commits(tm
         assert counts_seen > 10  # the readers really ran while the writer was committing
     snapshot = open_snapshot(path, 0)
     assert len(grant_keys(snapshot)) == TRANSACTIONS * GRANTS_PER_TRANSACTION
+    assert (snapshot.base_name is not None) == (merge_after is not None)
     snapshot.close()
+    bases = [name for name in os.listdir(tmp_path) if ".base-" in name]
+    assert len(bases) == (2 if merge_after is not None else 0)  # the current and the one before it

@@ -166,3 +166,20 @@ def test_a_grant_by_hand_older_than_the_window_survives_a_rebuild(tagged):
     tagged.store.unlink()
     tagged.run_reader(check=True)
     assert grants(tagged) == state
+
+
+def test_a_rebuild_by_a_user_who_cannot_read_the_journal_is_refused_and_keeps_the_store(tagged):
+    from support.processes import reachable_by_everyone
+
+    history(tagged)
+    state = grants(tagged)
+    reachable_by_everyone(tagged.directory)
+    os.chown(tagged.directory, 65534, 65534)  # nobody may write the store, but not read the journal
+    for path in tagged.directory.iterdir():
+        os.chown(path, 65534, 65534)
+    result = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                             command_for_everyone("poplock"), "-c", str(tagged.config), "rebuild"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 66, result
+    assert "no journal file could be opened" in result.stderr and "systemd-journal" in result.stderr
+    assert grants(tagged) == state

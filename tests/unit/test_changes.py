@@ -9,22 +9,23 @@ from poplock.logs import iso_time
 
 STORE = "/var/lib/poplock/grants.db"
 TRUSTED = frozenset({0, 107})
+MACHINE = "5eed0000000000000000000000000001"
 NOW = 1_795_699_814
 
 
 def entry(event, **fields) -> dict:
     base = {"MESSAGE_ID": event.message_id, "POPLOCK_STORE": STORE, "_TRANSPORT": "journal", "_UID": "0",
-            "__REALTIME_TIMESTAMP": str(NOW * 1_000_000)}
+            "__REALTIME_TIMESTAMP": str(NOW * 1_000_000), "_MACHINE_ID": MACHINE}
     base.update(fields)
     return {name: value for name, value in base.items() if value is not None}
 
 
 def test_an_add_a_remove_and_a_flush_are_read_with_what_they_changed():
     added = entry(events.GRANT_ADDED, POPLOCK_CLIENT_ADDRESS="192.0.2.7", POPLOCK_EXPIRES=iso_time(NOW + 7200))
-    assert parse_change(added, STORE, TRUSTED) == Change(ADD, "192.0.2.7", NOW + 7200, NOW)
+    assert parse_change(added, STORE, TRUSTED, MACHINE) == Change(ADD, "192.0.2.7", NOW + 7200, NOW)
     removed = entry(events.GRANT_REMOVED, POPLOCK_CLIENT_ADDRESS="192.0.2.7")
-    assert parse_change(removed, STORE, TRUSTED) == Change(REMOVE, "192.0.2.7", None, NOW)
-    assert parse_change(entry(events.GRANTS_FLUSHED), STORE, TRUSTED) == Change(FLUSH, None, None, NOW)
+    assert parse_change(removed, STORE, TRUSTED, MACHINE) == Change(REMOVE, "192.0.2.7", None, NOW)
+    assert parse_change(entry(events.GRANTS_FLUSHED), STORE, TRUSTED, MACHINE) == Change(FLUSH, None, None, NOW)
 
 
 @pytest.mark.parametrize("fields", [
@@ -37,12 +38,14 @@ def test_an_add_a_remove_and_a_flush_are_read_with_what_they_changed():
     {"POPLOCK_CLIENT_ADDRESS": None},
     {"POPLOCK_EXPIRES": "soon"},
     {"__REALTIME_TIMESTAMP": "x"},
+    {"_MACHINE_ID": "0123456789abcdef0123456789abcdef"},  # another host's root changed its own store
+    {"_MACHINE_ID": None},
 ])
 def test_entries_that_are_not_a_trusted_complete_change_of_this_store_change_nothing(fields):
     forged = entry(events.GRANT_ADDED, POPLOCK_CLIENT_ADDRESS="203.0.113.66", POPLOCK_EXPIRES=iso_time(NOW + 60))
     forged.update(fields)
     forged = {name: value for name, value in forged.items() if value is not None}
-    assert parse_change(forged, STORE, TRUSTED) is None
+    assert parse_change(forged, STORE, TRUSTED, MACHINE) is None
 
 
 def test_changes_replayed_in_journal_order_end_as_the_administrator_left_them():
