@@ -171,3 +171,72 @@ def find_network(networks: list[Network], address: str) -> Network | None:
         if address in network:
             return network
     return None
+
+
+def grant_key(address: str, ipv6_prefix: int) -> str:
+    """The store key of a client's grant: its address, or for IPv6 its /ipv6_prefix network
+    ("2001:db8:1::/64"), so that a client using privacy addresses keeps its grant."""
+    if ipv6_prefix >= 128 or ":" not in address:
+        return address
+    packed = int.from_bytes(inet_pton(AF_INET6, address), "big")
+    base = packed >> (128 - ipv6_prefix) << (128 - ipv6_prefix)
+    return f"{inet_ntop(AF_INET6, base.to_bytes(16, 'big'))}/{ipv6_prefix}"
+
+
+class DenyList:
+    """Networks and user names that never get a grant ([Grants] DenyFile)."""
+
+    __slots__ = ("networks", "users")
+
+    def __init__(self, networks: list[Network], users: frozenset[str]):
+        self.networks = networks
+        self.users = users
+
+    def denies(self, address: str, user: str | None) -> str | None:
+        """Why a grant for `address` opened by `user` is refused ("network N", "user U"), or None."""
+        if user is not None and user in self.users:
+            return f"user {user}"
+        network = find_network(self.networks, address)
+        return f"network {network.text}" if network is not None else None
+
+
+NO_DENIALS = DenyList([], frozenset())
+DENY_EVERYTHING = DenyList([Network(32, 0, 0, "0.0.0.0/0"), Network(128, 0, 0, "::/0")], frozenset())
+
+
+def parse_deny_list(text: str, path: str) -> DenyList:
+    """One address or network a line, or `user NAME`; `#` starts a comment. ConfigError names
+    the file and line of every bad line."""
+    networks, users, problems = [], set(), []
+    for number, line in enumerate(text.split("\n"), start=1):
+        entry = line.partition("#")[0].strip()
+        if not entry:
+            continue
+        word, _, rest = entry.partition(" ")
+        if word == "user":
+            name = rest.strip()
+            if not name:
+                problems.append(f"{path}:{number}: expected `user NAME`")
+            else:
+                users.add(name)
+            continue
+        try:
+            networks.append(parse_network(entry))
+        except AddressError as error:
+            problems.append(f"{path}:{number}: {error}; expected an address, a network such as 192.0.2.0/24, "
+                            "or `user NAME`")
+    if problems:
+        raise ConfigError(problems)
+    return DenyList(networks, frozenset(users))
+
+
+def load_deny_list(path: str) -> DenyList:
+    """Read the deny list; a missing file denies nothing."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        return NO_DENIALS
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError([f"{path}: cannot read: {getattr(error, 'strerror', None) or error}"]) from None
+    return parse_deny_list(text, path)

@@ -29,7 +29,7 @@ import time
 
 from poplock import events
 from poplock.access import check_relay_in_files
-from poplock.addresses import load_allow_list, normalize_address
+from poplock.addresses import grant_key, load_allow_list, load_deny_list, normalize_address
 from poplock.arguments import ArgumentParser, join_dash_values
 from poplock.config import SETTINGS, Config, load_config
 from poplock.errors import (
@@ -104,10 +104,14 @@ def command_show(config: Config, arguments) -> int:
     networks = load_allow_list(config.static_allow_file)
     undecodable: list[bytes] = []
 
+    if arguments.users:
+        return _show_users(config, arguments, now)
+
     def grants():
         try:
             for kind, key, value in iterate_store(config.store_path, config.busy_timeout):
-                if kind == "grant" and (arguments.all or value.is_live(now)):
+                if kind == "grant" and (arguments.all or value.is_live(now)) and (
+                        arguments.user is None or value.user == arguments.user):
                     yield value
                 elif kind == "undecodable":
                     undecodable.append(key)
@@ -123,32 +127,58 @@ def command_show(config: Config, arguments) -> int:
     shown = itertools.chain(first, stream)
     if arguments.json:
         _write_lines(json.dumps({"kind": "grant", "address": grant.address, "expires": iso_time(grant.expires_at),
-                                 "source": grant.source, "login_time": iso_time(grant.login_at),
+                                 "source": grant.source, "user": grant.user, "login_time": iso_time(grant.login_at),
                                  "live": grant.is_live(now)}, ensure_ascii=False) for grant in shown)
-        _write_lines(json.dumps({"kind": "static", "address": str(network), "file": config.static_allow_file})
-                     for network in networks)
+        if arguments.user is None:
+            _write_lines(json.dumps({"kind": "static", "address": str(network), "file": config.static_allow_file})
+                         for network in networks)
+    elif arguments.user is not None and not first:
+        print(f"no grants opened by {arguments.user}")
     elif not first and not networks:
         print("no grants and no static entries")
     else:
-        statics = [(str(network), "never (static)", "static-allowed", "-") for network in networks]
-        rows = [(grant.address, iso_time(grant.expires_at) + _not_live(grant, now), grant.source,
-                 iso_time(grant.login_at)) for grant in first]
-        header = ("ADDRESS", "EXPIRES", "SOURCE", "LOGIN")
+        statics = [] if arguments.user is not None else [
+            (str(network), "never (static)", "static-allowed", "-", "-") for network in networks]
+
+        def row(grant) -> tuple:
+            return (grant.address, iso_time(grant.expires_at) + _not_live(grant, now), grant.source,
+                    grant.user or "-", iso_time(grant.login_at))
+
+        rows = [row(grant) for grant in first]
+        header = ("ADDRESS", "EXPIRES", "SOURCE", "USER", "LOGIN")
         if len(first) <= SORTED_UP_TO:
-            widths = [max(len(row[column]) for row in [header, *rows, *statics]) for column in range(3)]
-        else:  # too many to measure first: widths that fit IPv4 addresses and local times
-            widths = [15, 25, 14]
+            widths = [max(len(cells[column]) for cells in [header, *rows, *statics]) for column in range(4)]
+        else:  # too many to measure first: widths that fit IPv4 addresses, local times and most names
+            widths = [15, 25, 14, 16]
 
-        def line(row) -> str:
-            return "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3]
+        def line(cells) -> str:
+            return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=False)) + "  " + cells[4]
 
-        rest = ((grant.address, iso_time(grant.expires_at) + _not_live(grant, now), grant.source,
-                 iso_time(grant.login_at)) for grant in stream)
+        rest = (row(grant) for grant in stream)
         _write_lines(line(row) for row in itertools.chain([header], rows, rest, statics))
     if undecodable:
         print(f"poplock: warning: {config.store_path} holds {len(undecodable)} entries this version "
               "cannot read (another format, or damage), not shown: "
               + ", ".join(repr(key)[1:] for key in undecodable[:5]), file=sys.stderr)
+    return os.EX_OK
+
+
+def _show_users(config: Config, arguments, now: float) -> int:
+    """`show --users`: each user whose logins hold live grants, with their addresses, busiest first."""
+    addresses: dict[str, list[str]] = {}
+    for kind, _, grant in iterate_store(config.store_path, config.busy_timeout):
+        if kind == "grant" and grant.user is not None and grant.is_live(now):
+            addresses.setdefault(grant.user, []).append(grant.address)
+    ranked = sorted(addresses.items(), key=lambda item: (-len(item[1]), item[0]))
+    if arguments.json:
+        _write_lines(json.dumps({"kind": "user", "user": user, "addresses": sorted(found)}, ensure_ascii=False)
+                     for user, found in ranked)
+    elif not ranked:
+        print("no live grants opened by a user's login")
+    else:
+        width = max(len("USER"), *(len(user) for user, _ in ranked))
+        _write_lines([f"{'USER'.ljust(width)}  ADDRESSES  LIVE GRANTS"] + [
+            f"{user.ljust(width)}  {len(found):>9}  {' '.join(sorted(found))}" for user, found in ranked])
     return os.EX_OK
 
 
@@ -220,11 +250,12 @@ def _warn_unless_journaled() -> None:
 def command_add(config: Config, arguments) -> int:
     now = time.time()
     duration = arguments.duration if arguments.duration is not None else config.window
-    new = Grant(arguments.address, int(now + duration), int(now), "manual")
+    key = grant_key(arguments.address, config.ipv6_prefix)
+    new = Grant(key, int(now + duration), int(now), "manual")
 
     def add(transaction):
-        transaction.grants[arguments.address] = merge_grant(transaction.grants.get(arguments.address), new, now)
-        return transaction.grants[arguments.address]
+        transaction.grants[key] = merge_grant(transaction.grants.get(key), new, now)
+        return transaction.grants[key]
 
     grant = change_store(config, add)
     log_event(log, logging.INFO, events.GRANT_ADDED, "granted %s until %s by hand", grant.address,
@@ -236,14 +267,41 @@ def command_add(config: Config, arguments) -> int:
 
 
 def command_remove(config: Config, arguments) -> int:
-    removed = change_store(config, lambda transaction: transaction.grants.pop(arguments.address, None))
+    if arguments.user is not None:
+        return _remove_user(config, arguments.user)
+    key = grant_key(arguments.address, config.ipv6_prefix)
+    removed = change_store(config, lambda transaction: transaction.grants.pop(key, None))
     if removed is None:
-        print(f"{arguments.address}: no grant to remove", file=sys.stderr)
+        print(f"{key}: no grant to remove", file=sys.stderr)
         return EX_NOT_ALLOWED
     log_event(log, logging.INFO, events.GRANT_REMOVED, "removed the grant for %s", removed.address,
               address=removed.address, source=removed.source, store=config.store_path)
     _warn_unless_journaled()
     print(f"removed the grant for {removed.address}")
+    return os.EX_OK
+
+
+def _remove_user(config: Config, user: str) -> int:
+    """Every grant the user's logins opened, withdrawn in one transaction (the whole store is
+    looked through: a revocation must not depend on an index being right)."""
+    def withdraw(transaction):
+        found = [grant for _, grant in transaction.grants.items() if grant.user == user]
+        for grant in found:
+            del transaction.grants[grant.address]
+        if transaction.users.addresses(user):
+            transaction.users.set(user, [])
+        return found
+
+    removed = change_store(config, withdraw)
+    if not removed:
+        print(f"{user}: no grant to remove", file=sys.stderr)
+        return EX_NOT_ALLOWED
+    for grant in removed:
+        log_event(log, logging.INFO, events.GRANT_REMOVED, "removed the grant for %s (opened by a login of "
+                  "a user being revoked)", grant.address, address=grant.address, source=grant.source,
+                  store=config.store_path, user=user)
+    _warn_unless_journaled()
+    print(f"removed {len(removed)} grants of {user}: {' '.join(sorted(grant.address for grant in removed))}")
     return os.EX_OK
 
 
@@ -331,9 +389,12 @@ def command_check(config: Config, arguments) -> int:
         reason = f"static network {decision.network.text} ({config.static_allow_file})"
     elif decision.grant is None:
         reason = "no grant, and not in the static allow list"
+    elif decision.denied is not None:
+        reason = f"its grant is refused by the deny list ({decision.denied}, {config.deny_file})"
     elif decision.allowed:
         grant = decision.grant
-        reason = f"grant until {iso_time(grant.expires_at)} ({grant.source} login at {iso_time(grant.login_at)})"
+        what = "by hand" if grant.source == "manual" else f"{grant.source} login"
+        reason = f"grant until {iso_time(grant.expires_at)} ({what} at {iso_time(grant.login_at)})"
     elif decision.grant.is_from_the_future(time.time()):
         reason = (f"its grant's login time {iso_time(decision.grant.login_at)} is in the future "
                   "(was the clock stepped back?); it allows nothing until the client logs in again")
@@ -401,6 +462,7 @@ def command_config(config: Config, arguments) -> int:
 
     sources = build_sources(config)
     load_allow_list(config.static_allow_file)  # what relaylock, the policy service and check read
+    load_deny_list(config.deny_file)
     section = None
     for setting in SETTINGS:
         if setting.section != section:
@@ -409,8 +471,8 @@ def command_config(config: Config, arguments) -> int:
         value = getattr(config, setting.attribute)
         if isinstance(value, bool):
             value = "yes" if value else "no"
-        elif isinstance(value, tuple):
-            value = " ".join(value)
+        elif isinstance(value, tuple):  # a list; a list of pairs is written NAME=VALUE
+            value = " ".join(item if isinstance(item, str) else "=".join(item) for item in value)
         elif isinstance(value, float):
             value = format_timespan(value)
         print(f"{setting.key}={value}")
@@ -446,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", parents=[common], help="list current grants and static entries")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     show.add_argument("--all", action="store_true", help="include expired grants not yet purged")
+    which = show.add_mutually_exclusive_group()
+    which.add_argument("--user", metavar="NAME", help="only the grants that NAME's logins opened")
+    which.add_argument("--users", action="store_true",
+                       help="instead, each user with live grants and their addresses, busiest first")
     show.set_defaults(run=command_show)
 
     add = commands.add_parser("add", parents=[common], help="let ADDRESS relay (by hand)")
@@ -454,8 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how long (systemd time span; default: the configured Window)")
     add.set_defaults(run=command_add)
 
-    remove = commands.add_parser("remove", parents=[common], help="withdraw the grant for ADDRESS")
-    remove.add_argument("address", type=_address, metavar="ADDRESS")
+    remove = commands.add_parser("remove", parents=[common], help="withdraw the grant for ADDRESS, or a user's")
+    whose = remove.add_mutually_exclusive_group(required=True)
+    whose.add_argument("address", type=_address, metavar="ADDRESS", nargs="?")
+    whose.add_argument("--user", metavar="NAME", help="every grant that NAME's logins opened, in one transaction")
     remove.set_defaults(run=command_remove)
 
     commands.add_parser("flush", parents=[common], help="withdraw every grant").set_defaults(run=command_flush)

@@ -48,6 +48,18 @@ def _positive_timespan(text: str) -> float:
     return seconds
 
 
+def _address_count(text: str) -> int:
+    if not text.strip().isdigit() or int(text) > 10000:
+        raise ValueError("expected a whole number from 0 (no limit) to 10000")
+    return int(text)
+
+
+def _ipv6_prefix(text: str) -> int:
+    if not text.strip().isdigit() or not 32 <= int(text) <= 128:
+        raise ValueError("expected a prefix length from 32 to 128 (64 is the usual network of one client)")
+    return int(text)
+
+
 def _connection_count(text: str) -> int:
     if not text.strip().isdigit() or not 1 <= int(text) <= 100000:
         raise ValueError("expected a whole number from 1 to 100000")
@@ -60,11 +72,40 @@ def _relay_client(text: str) -> str:
     return text
 
 
+def _header_name(text: str) -> str:
+    name = text.strip()
+    if name and not all(33 <= ord(character) <= 126 and character != ":" for character in name):
+        raise ValueError("expected a header field name such as X-PopBeforeSMTP (no spaces or colons)")
+    return name
+
+
 def _policy_action(text: str) -> str:
     action = text.strip()
     if not action or "\n" in action:
         raise ValueError("expected a Postfix access(5) action such as OK or a restriction class name")
     return action
+
+
+_MAP_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def _socketmap_maps(text: str) -> tuple[tuple[str, str], ...]:
+    """NAME:VALUE words: the map names poplock-socketmap answers, each with its OK value."""
+    maps: list[tuple[str, str]] = []
+    for word in text.split():
+        name, colon, value = word.partition(":")
+        if not colon or not name or not value:
+            raise ValueError(f"{word!r}: expected NAME:VALUE, such as poplock:OK")
+        if len(name) > 64 or not set(name) <= _MAP_NAME_CHARACTERS:
+            raise ValueError(f"{word!r}: a map name is up to 64 letters, digits, '_', '.' and '-'")
+        if len(value) > 200 or not all("!" <= character <= "~" for character in value):
+            raise ValueError(f"{word!r}: the value must be up to 200 printable ASCII characters")
+        if any(name == known for known, _ in maps):
+            raise ValueError(f"map name {name} given twice")
+        maps.append((name, value))
+    if not maps:
+        raise ValueError("expected at least one NAME:VALUE, such as poplock:OK")
+    return tuple(maps)
 
 
 class Setting:
@@ -87,6 +128,15 @@ SETTINGS = (
     Setting("Grants", "StaticAllowFile", "static_allow_file", parse_absolute_path,
             "/etc/poplock/static-allowed",
             "Addresses and networks that may always relay, one per line (a missing file is empty)."),
+    Setting("Grants", "DenyFile", "deny_file", parse_absolute_path, "/etc/poplock/denied",
+            "Addresses, networks and `user NAME` lines that never get a grant, whatever they log in with "
+            "(a missing file denies nothing)."),
+    Setting("Grants", "MaxAddressesPerUser", "max_addresses_per_user", _address_count, "10",
+            "At most this many addresses may hold live grants opened by one user's logins: a login from one "
+            "more grants nothing (a stolen password opens a bounded number of relays); 0 for no limit."),
+    Setting("Grants", "IPv6Prefix", "ipv6_prefix", _ipv6_prefix, "128",
+            "An IPv6 login grants the client's network of this prefix length (64 for clients with privacy "
+            "addresses; 128: the address alone). IPv4 is unaffected."),
     Setting("Store", "Path", "store_path", parse_absolute_path, "/var/lib/poplock/grants.db",
             "The grant store (a gdbm file, replaced whole on every change)."),
     Setting("Store", "BusyTimeout", "busy_timeout", _busy_timeout, "20ms",
@@ -104,6 +154,9 @@ SETTINGS = (
             "The value relaylock gives RELAYCLIENT for an allowed client (qpsmtpd needs a non-empty one)."),
     Setting("Policy", "Action", "policy_action", _policy_action, "OK",
             "What poplock-policy answers Postfix for a client that may relay; others get DUNNO."),
+    Setting("Policy", "Header", "policy_header", _header_name, "",
+            "A header to prepend to mail a grant lets relay, naming the login behind it (for abuse reports), "
+            "when asked with policy_context=poplock-header; empty: none."),
     Setting("Policy", "LogRefused", "policy_log_refused", parse_boolean, "no",
             "Log every DUNNO answer too (Postfix asks for local recipients as well, so this is verbose)."),
     Setting("Policy", "RequestTimeout", "policy_request_timeout", _positive_timespan, "10s",
@@ -113,6 +166,19 @@ SETTINGS = (
     Setting("Policy", "MaxConnections", "policy_max_connections", _connection_count, "500",
             "At most this many connections at once; a new one beyond them closes the one idle longest."),
     Setting("Policy", "MaxConnectionsPerPeer", "policy_max_connections_per_peer", _connection_count, "300",
+            "At most this many from one IP address (unix socket: one user); beyond, that peer's one idle longest "
+            "is closed."),
+    Setting("Socketmap", "Maps", "socketmap_maps", _socketmap_maps, "poplock:OK",
+            "The map names poplock-socketmap answers, each NAME:VALUE: OK VALUE for a client that may relay."),
+    Setting("Socketmap", "LogRefused", "socketmap_log_refused", parse_boolean, "no",
+            "Log every NOTFOUND answer for an address too (MTAs ask for local recipients as well: verbose)."),
+    Setting("Socketmap", "RequestTimeout", "socketmap_request_timeout", _positive_timespan, "10s",
+            "Each request must arrive whole within this, from its first byte; else the connection is closed."),
+    Setting("Socketmap", "IdleTimeout", "socketmap_idle_timeout", _positive_timespan, "10min",
+            "A connection that sends nothing for this long between requests is closed."),
+    Setting("Socketmap", "MaxConnections", "socketmap_max_connections", _connection_count, "500",
+            "At most this many connections at once; a new one beyond them closes the one idle longest."),
+    Setting("Socketmap", "MaxConnectionsPerPeer", "socketmap_max_connections_per_peer", _connection_count, "300",
             "At most this many from one IP address (unix socket: one user); beyond, that peer's one idle longest "
             "is closed."),
 )
@@ -217,6 +283,7 @@ _FILES = (
     ("store_path", ("", ".lock", ".new")),
     ("cursor_path", ("", ".new")),
     ("static_allow_file", ("",)),
+    ("deny_file", ("",)),
 )
 
 

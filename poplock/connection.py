@@ -65,13 +65,17 @@ def stderr_is_connection() -> bool:
     return is_socket and (error.st_dev, error.st_ino) == (connection.st_dev, connection.st_ino)
 
 
-def report(identifier: str, message: str, priority: int = 6, event=None, address: str | None = None) -> None:
-    """One line: to the journal when stderr is a journal stream or the client's connection, else stderr."""
+def report(identifier: str, message: str, priority: int = 6, event=None, address: str | None = None,
+           user: str | None = None) -> None:
+    """One line: to the journal when stderr is a journal stream or the client's connection, else stderr.
+
+    `user` (the login that opened the grant) goes into the journal entry's POPLOCK_USER
+    field only, never into the line on stderr."""
     if stderr_is_journal():
-        if send_entry(identifier, message, priority, event, address):
+        if send_entry(identifier, message, priority, event, address, user):
             return
     elif stderr_is_connection():
-        send_entry(identifier, message, priority, event, address)  # the journal, or nowhere
+        send_entry(identifier, message, priority, event, address, user)  # the journal, or nowhere
         return
     try:
         posix.write(2, f"{identifier}: {message}\n".encode("utf-8", "replace"))
@@ -79,12 +83,15 @@ def report(identifier: str, message: str, priority: int = 6, event=None, address
         pass
 
 
-def send_entry(identifier: str, message: str, priority: int, event=None, address: str | None = None) -> bool:
+def send_entry(identifier: str, message: str, priority: int, event=None, address: str | None = None,
+               user: str | None = None) -> bool:
     fields = [("MESSAGE", message), ("PRIORITY", str(priority)), ("SYSLOG_IDENTIFIER", identifier)]
     if event is not None:
         fields += [("MESSAGE_ID", event.message_id), ("POPLOCK_EVENT", event.name)]
     if address is not None:
         fields.append(("POPLOCK_CLIENT_ADDRESS", address))
+    if user is not None:
+        fields.append(("POPLOCK_USER", user))
     return send(fields)
 
 

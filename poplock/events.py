@@ -4,7 +4,9 @@
 explains each one. Data travels in POPLOCK_* fields, never only inside the text:
 POPLOCK_CLIENT_ADDRESS, POPLOCK_SOURCE (the login source), POPLOCK_SOURCE_UNIT (the
 unit the login entry came from), POPLOCK_EXPIRES (when a grant ends, ISO 8601),
-POPLOCK_STORE (the store an administrative change was made to; changes.py replays them).
+POPLOCK_STORE (the store an administrative change was made to; changes.py replays them),
+POPLOCK_USER (the user whose login opened a grant, on logins and on relay decisions, so
+that `journalctl POPLOCK_USER=alice` lists every relay that account enabled).
 
 No imports: relaylock uses these identifiers too.
 """
@@ -27,6 +29,10 @@ GRANTS_FLUSHED = Event("grants-flushed", "51595ec888d0411bb6926f34d4a4bd4a", "An
 GRANT_EXPIRED = Event("grant-expired", "ebcf1832719e4426bf3b54e534e44ca9", "An expired grant was purged")
 LOGIN_TOO_OLD = Event("login-too-old", "5ca84ab46e1f4bf5a5dd75bad1e4f913",
                       "A login was read after its window had passed and granted nothing")
+LOGIN_DENIED = Event("login-denied", "74adba8ade3b444fa7873da3979ec77c",
+                     "A login was refused a grant by the deny list")
+LOGIN_OVER_LIMIT = Event("login-over-limit", "881253df0333467f8689bd398cd76874",
+                         "A user's logins already hold grants for as many addresses as allowed")
 RELAY_ALLOWED = Event("relay-allowed", "d398fa448e0248df89fa1308a8b8efdd", "A client was allowed to relay")
 RELAY_REFUSED = Event("relay-refused", "56705e3ed83c4c489c5a67e4b60bbc0a", "A client was not allowed to relay")
 STORE_BUSY = Event("store-busy", "ed98281416d74f79996a93827bb8e92d",
@@ -44,6 +50,7 @@ READER_STARTED = Event("reader-started", "1b303b18e6784ae4aaba2306d31fb1dc", "Th
 
 EVENTS = (
     LOGIN_GRANTED, GRANT_EXTENDED, GRANT_ADDED, GRANT_REMOVED, GRANTS_FLUSHED, GRANT_EXPIRED, LOGIN_TOO_OLD,
+    LOGIN_DENIED, LOGIN_OVER_LIMIT,
     RELAY_ALLOWED, RELAY_REFUSED, STORE_BUSY, STORE_FAILED, STORE_REBUILT, CURSOR_RESET, CONFIG_INVALID,
     LOGIN_UNMATCHED, READER_STARTED,
 )

@@ -3,7 +3,7 @@
 Two line forms, mixed as they come:
 
   * the JSON objects `poplock show --json` prints, one a line: a "grant" keeps its
-    expiry, login time and source; a "static" entry (the allow list) is not a grant
+    expiry, login time, source and user; a "static" entry (the allow list) is not a grant
     and is left out;
   * `ADDRESS [EXPIRES]`, where EXPIRES is an ISO 8601 time (local unless it has an
     offset) or a systemd time span from now ("2h"); without it, the window. Such a
@@ -74,7 +74,10 @@ def _parse_json(text: str, now: float) -> Grant | None:
     source = record.get("source", "manual")
     if not isinstance(source, str) or not source or any(character.isspace() for character in source):
         raise ValueError(f"\"source\" must be a word, not {source!r}")
-    return Grant(address, expires_at, min(login_at, int(now)), source)
+    user = record.get("user")
+    if user is not None and (not isinstance(user, str) or not user):
+        raise ValueError(f"\"user\" must be a name or null, not {user!r}")
+    return Grant(address, expires_at, min(login_at, int(now)), source, user)
 
 
 def _parse_plain(text: str, now: float, window: float) -> Grant:

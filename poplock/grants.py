@@ -1,9 +1,14 @@
 """Grants: which client may relay until when (pure: time is always an argument).
 
-A grant is address -> (expires_at, login_at, source), times in whole seconds since the
-epoch. It is stored as a small versioned text value, readable with any gdbm tool:
+A grant is address -> (expires_at, login_at, source, user), times in whole seconds since
+the epoch, user the login's user name as the server logged it (None for a grant made by
+hand). It is stored as a small versioned text value, readable with any gdbm tool:
 
-    1 <expires_at> <login_at> <source>      e.g.  b"1 1795701614 1795699814 dovecot"
+    2 <expires_at> <login_at> <source> <user>   e.g.  b"2 1795701614 1795699814 dovecot alice"
+    1 <expires_at> <login_at> <source>          the first format, still read (no user)
+
+The user is the rest of the value, spaces and all, and empty for none. Nothing a user
+name holds can change the address, the times or the source: those come first.
 
 A newer login extends a grant; an older one (a late or replayed entry) never shortens
 it. Expiry is checked when a grant is read, so an expired grant allows nothing even
@@ -19,20 +24,21 @@ damaged or forged value) and allows nothing either.
 Free of imports: relaylock decodes grants once per SMTP connection.
 """
 
-FORMAT_VERSION = b"1"
+FORMAT_VERSION = b"2"
 
 MAX_WINDOW = 86400  # [Grants] Window: POP-before-SMTP windows are minutes to hours
 MAX_GRANT_LENGTH = 7 * 86400  # `poplock add --for`, and the longest grant that can be live
 
 
 class Grant:
-    __slots__ = ("address", "expires_at", "login_at", "source")
+    __slots__ = ("address", "expires_at", "login_at", "source", "user")
 
-    def __init__(self, address: str, expires_at: int, login_at: int, source: str):
+    def __init__(self, address: str, expires_at: int, login_at: int, source: str, user: str | None = None):
         self.address = address
         self.expires_at = expires_at
         self.login_at = login_at
         self.source = source
+        self.user = user
 
     def is_live(self, now: float) -> bool:
         return self.login_at <= now < self.expires_at and self.expires_at - self.login_at <= MAX_GRANT_LENGTH
@@ -42,7 +48,7 @@ class Grant:
         return self.login_at > now
 
     def _fields(self):
-        return (self.address, self.expires_at, self.login_at, self.source)
+        return (self.address, self.expires_at, self.login_at, self.source, self.user)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Grant) and self._fields() == other._fields()
@@ -51,23 +57,24 @@ class Grant:
         return hash(self._fields())
 
     def __repr__(self) -> str:
-        address, expires_at, login_at, source = self._fields()
-        return f"Grant(address={address!r}, expires_at={expires_at!r}, login_at={login_at!r}, source={source!r})"
+        address, expires_at, login_at, source, user = self._fields()
+        return (f"Grant(address={address!r}, expires_at={expires_at!r}, login_at={login_at!r}, source={source!r}, "
+                f"user={user!r})")
 
 
 class GrantDecodeError(ValueError):
     """A stored value that is not a grant of a format this version understands."""
 
 
-def grant_for_login(address: str, login_at: float, window: float, source: str) -> Grant:
+def grant_for_login(address: str, login_at: float, window: float, source: str, user: str | None = None) -> Grant:
     login = int(login_at)
-    return Grant(address, login + int(window), login, source)
+    return Grant(address, login + int(window), login, source, user)
 
 
 def merge_grant(existing: Grant | None, new: Grant, now: float) -> Grant:
     """The grant that results from `new` arriving at `now` while `existing` is stored.
 
-    The later expiry always wins; the login time and source follow the newer login. An
+    The later expiry always wins; the login time, source and user follow the newer login. An
     existing grant whose login lies in the future (the clock was stepped back) or that is
     longer than any grant can be is replaced: it must not outlive its window.
     """
@@ -75,19 +82,32 @@ def merge_grant(existing: Grant | None, new: Grant, now: float) -> Grant:
             existing.expires_at - existing.login_at > MAX_GRANT_LENGTH:
         return new
     newer = new if new.login_at >= existing.login_at else existing
-    return Grant(new.address, max(existing.expires_at, new.expires_at), newer.login_at, newer.source)
+    return Grant(new.address, max(existing.expires_at, new.expires_at), newer.login_at, newer.source, newer.user)
 
 
 def encode_grant(grant: Grant) -> bytes:
-    return b"%s %d %d %s" % (FORMAT_VERSION, grant.expires_at, grant.login_at, grant.source.encode())
+    user = grant.user.encode("utf-8", "surrogateescape") if grant.user else b""
+    return b"%s %d %d %s %s" % (FORMAT_VERSION, grant.expires_at, grant.login_at, grant.source.encode(), user)
 
 
 def decode_grant(address: str, value: bytes) -> Grant:
-    parts = value.split(b" ", 3)
-    if len(parts) != 4 or parts[0] != FORMAT_VERSION:
+    if value.startswith(b"2 "):
+        parts = value.split(b" ", 4)
+        if len(parts) != 5:
+            raise GrantDecodeError(f"malformed grant for {address}: {value[:60]!r}")
+        user = parts[4].decode("utf-8", "surrogateescape") or None
+    elif value.startswith(b"1 "):
+        parts = value.split(b" ", 3)
+        if len(parts) != 4:
+            raise GrantDecodeError(f"malformed grant for {address}: {value[:60]!r}")
+        user = None
+    else:
         raise GrantDecodeError(f"unknown grant format for {address}: {value[:60]!r}")
     try:
-        return Grant(address, int(parts[1]), int(parts[2]), parts[3].decode())
+        source = parts[3].decode()
+        if not source or " " in source:
+            raise ValueError
+        return Grant(address, int(parts[1]), int(parts[2]), source, user)
     except (ValueError, UnicodeDecodeError):
         raise GrantDecodeError(f"malformed grant for {address}: {value[:60]!r}") from None
 

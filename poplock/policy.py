@@ -24,17 +24,21 @@ import sys
 import time
 
 from poplock import events
-from poplock.access import check_relay
-from poplock.addresses import Network, load_allow_list, normalize_address
+from poplock.access import check_relay, describe, grant_user
+from poplock.addresses import NO_DENIALS, DenyList, Network, load_allow_list, load_deny_list, normalize_address
 from poplock.arguments import ArgumentParser
 from poplock.config import Config, load_config
 from poplock.errors import AddressError, ConfigError, PoplockError, StoreBusyError
-from poplock.logs import log_event, setup_logging
+from poplock.logs import iso_time, log_event, setup_logging
 from poplock.policyprotocol import DUNNO, RequestBuffer, format_reply
 from poplock.service import Limits, Service, Warnings, listening_sockets, raise_open_file_limit, serve
 from poplock.store import find_grant, open_snapshot
 
 log = logging.getLogger("poplock.policy")
+
+# The policy_context (Postfix 3.1 and later) of the second check_policy_service, in
+# smtpd_data_restrictions, that asks for the header naming the login ([Policy] Header=).
+HEADER_CONTEXT = "poplock-header"
 
 
 class Snapshots:
@@ -50,6 +54,15 @@ class Snapshots:
         self._snapshot_identity = None
         self._networks: list[Network] = []
         self._networks_identity = None
+        self._denials: DenyList = NO_DENIALS
+        self._denials_identity = None
+
+    def denials(self) -> DenyList:
+        identity = _identity(self.config.deny_file)
+        if identity != self._denials_identity:
+            self._denials = load_deny_list(self.config.deny_file) if identity else NO_DENIALS
+            self._denials_identity = identity
+        return self._denials
 
     def networks(self) -> list[Network]:
         identity = _identity(self.config.static_allow_file)
@@ -103,7 +116,9 @@ class PolicyHandler:
         """The reply to one request: DUNNO to one that cannot be read (the service logs why)."""
         if request.problem is not None:
             return self._replies[DUNNO]
-        return self._replies[self.action_for(request.attributes)]
+        action = self.action_for(request.attributes)
+        reply = self._replies.get(action)
+        return reply if reply is not None else format_reply(action)
 
     def action_for(self, attributes: dict[str, str]) -> str:
         """The action for one well-formed request; DUNNO on any trouble of ours."""
@@ -113,8 +128,10 @@ class PolicyHandler:
             self.warnings.warn("not an address", "client_address %r is not an address; answering DUNNO",
                                attributes["client_address"][:60])
             return DUNNO
+        now = self.clock()
         try:
-            decision = check_relay(address, self.clock(), self.snapshots.networks(), self.snapshots.grant)
+            decision = check_relay(address, now, self.snapshots.networks(), self.snapshots.grant,
+                                   denials=self.snapshots.denials(), ipv6_prefix=self.config.ipv6_prefix)
         except (PoplockError, OSError) as error:
             if isinstance(error, ConfigError):
                 event = events.CONFIG_INVALID  # the static allow list went bad while running
@@ -132,15 +149,25 @@ class PolicyHandler:
         self.decisions += 1
         if decision.allowed:
             self.allowed += 1
-            reason = f"static network {decision.network.text}" if decision.network else f"{decision.grant.source} grant"
-            log_event(log, logging.INFO, events.RELAY_ALLOWED, "relay allowed for %s: %s (%s)", address, reason,
-                      attributes.get("recipient", "?"), address=address,
+            user = grant_user(decision)
+            if self.config.policy_header and attributes.get("policy_context") == HEADER_CONTEXT:
+                return self._header(decision) if user is not None else DUNNO
+            log_event(log, logging.INFO, events.RELAY_ALLOWED, "%s (%s)", describe(decision, now),
+                      attributes.get("recipient", "?"), address=address, user=user,
                       expires=decision.grant.expires_at if decision.grant and not decision.network else None)
             return self.config.policy_action
+        if self.config.policy_header and attributes.get("policy_context") == HEADER_CONTEXT:
+            return DUNNO
         log_event(log, logging.INFO if self.config.policy_log_refused else logging.DEBUG, events.RELAY_REFUSED,
-                  "no relay for %s: %s", address,
-                  "its grant expired" if decision.grant else "no grant", address=address)
+                  "%s", describe(decision, now), address=address)
         return DUNNO
+
+    def _header(self, decision) -> str:
+        """PREPEND of the header that names the login behind the relay, for abuse reports."""
+        grant = decision.grant
+        user = "".join(character if character.isprintable() else "?" for character in grant.user)[:200]
+        return (f"PREPEND {self.config.policy_header}: {user} ({grant.source} login from {grant.address} "
+                f"at {iso_time(grant.login_at)})")
 
 
 def main(argv: list[str] | None = None) -> int:

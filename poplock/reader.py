@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from poplock import events
+from poplock.addresses import DENY_EVERYTHING, NO_DENIALS, DenyList, grant_key, load_deny_list
 from poplock.arguments import ArgumentParser
 from poplock.changes import Change, apply_change, parse_change
 from poplock.config import Config, load_config
@@ -81,6 +82,9 @@ class Reader:
         self._initial: dict[str, Grant] | None = None
         self._replace = False
         self._keep_damaged = False
+        self._denials: DenyList = NO_DENIALS
+        self._denials_identity = None
+        self._over_limit_warned: dict[str, float] = {}  # user -> when the last over-limit warning was
 
     @property
     def _cursor_key(self) -> str:
@@ -264,21 +268,9 @@ class Reader:
                     continue
                 login, unit = item
                 if login.time + window <= now:
-                    changes.append(("too-old", login, unit, None))
+                    changes.append(("too-old", None, login, unit))
                     continue
-                # A timestamp ahead of our clock (another host's journal) must not stretch a grant.
-                new = grant_for_login(login.address, min(login.time, now), window, login.source)
-                old = grants.get(login.address)
-                if old is None:
-                    kind, grant = "granted", new
-                else:
-                    grant = merge_grant(old, new, now)
-                    if grant == old:
-                        kind = "unchanged"  # an older or re-read login
-                    else:
-                        kind = "extended" if old.is_live(now) else "granted"
-                grants[login.address] = grant
-                changes.append((kind, login, unit, grant))
+                changes.append((*self._grant(transaction, login, now), login, unit))
             self.grant_count = len(transaction.grants)
         self._initial = None
         self._replace = self._keep_damaged = False
@@ -292,10 +284,67 @@ class Reader:
             except OSError as error:  # the store holds the cursor; the file is only a second copy
                 log.warning("cannot write the cursor file %s: %s", self.config.cursor_path, error)
         with held_lines():
-            for kind, login, unit, grant in changes:  # reported once committed
-                self._report(kind, login, unit, grant)
+            for kind, detail, login, unit in changes:  # reported once committed
+                self._report(kind, login, unit, detail)
+
+    def _grant(self, transaction, login: Login, now: float) -> tuple[str, object]:
+        """What one login does to the store: ("granted" | "extended" | "unchanged", the grant),
+        ("denied", why) or ("over-limit", the user's other live addresses)."""
+        config = self.config
+        key = grant_key(login.address, config.ipv6_prefix)
+        denied = self.denials().denies(login.address, login.user)
+        if denied is not None:
+            return "denied", denied
+        grants = transaction.grants
+        if config.max_addresses_per_user and login.user is not None:
+            known = transaction.users.addresses(login.user)
+            live = [address for address in known if address != key and
+                    (grant := grants.get(address)) is not None and grant.user == login.user and grant.is_live(now)]
+            if len(live) >= config.max_addresses_per_user:
+                if live != known:
+                    transaction.users.set(login.user, live)
+                return "over-limit", live
+            if live + [key] != known:
+                transaction.users.set(login.user, live + [key])
+        # A timestamp ahead of our clock (another host's journal) must not stretch a grant.
+        new = grant_for_login(key, min(login.time, now), config.window, login.source, login.user)
+        old = grants.get(key)
+        if old is None:
+            kind, grant = "granted", new
+        else:
+            grant = merge_grant(old, new, now)
+            if grant == old:
+                kind = "unchanged"  # an older or re-read login
+            else:
+                kind = "extended" if old.is_live(now) else "granted"
+        grants[key] = grant
+        return kind, grant
+
+    def denials(self) -> DenyList:
+        """The deny list, read again whenever its file changes (the next login obeys a new line)."""
+        try:
+            status = os.stat(self.config.deny_file)
+            identity = (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
+        except FileNotFoundError:
+            identity = None
+        if identity != self._denials_identity:
+            try:
+                self._denials = load_deny_list(self.config.deny_file) if identity else NO_DENIALS
+            except ConfigError as error:  # fail closed: a list that cannot be read denies every login
+                log_event(log, logging.ERROR, events.CONFIG_INVALID, "%s; granting nothing until it is fixed", error)
+                self._denials = DENY_EVERYTHING
+            self._denials_identity = identity
+        return self._denials
 
     def _report(self, kind: str, login: Login, unit: str | None, grant) -> None:
+        if kind == "denied":
+            log_event(log, logging.INFO, events.LOGIN_DENIED, "login from %s denied by %s (%s); no grant",
+                      login.address, grant, self.config.deny_file, address=login.address, source=login.source,
+                      unit=unit, user=login.user)
+            return
+        if kind == "over-limit":
+            self._warn_over_limit(login, grant, unit)
+            return
         if kind == "too-old":
             log_event(log, logging.INFO, events.LOGIN_TOO_OLD,
                       "login from %s at %s is older than the window; no grant",
@@ -306,10 +355,29 @@ class Reader:
             return
         self.last_login = login
         event = events.LOGIN_GRANTED if kind == "granted" else events.GRANT_EXTENDED
+        shown = grant.address if grant.address == login.address else f"{grant.address} ({login.address})"
         log_event(log, logging.INFO, event, "%s %s until %s (%s login)",
-                  "granted" if kind == "granted" else "extended", login.address, iso_time(grant.expires_at),
-                  login.source, address=login.address, source=login.source, unit=unit, expires=grant.expires_at)
+                  "granted" if kind == "granted" else "extended", shown, iso_time(grant.expires_at),
+                  login.source, address=grant.address, source=login.source, unit=unit, expires=grant.expires_at,
+                  user=login.user)
         log.debug("login by user %r from %s", login.user, login.address)
+
+    def _warn_over_limit(self, login: Login, others: list[str], unit: str | None) -> None:
+        """Once per account per window: a botnet with one password logs in from hundreds of addresses."""
+        now = self.clock()
+        warned = self._over_limit_warned.get(login.user)
+        if warned is not None and now - warned < self.config.window:
+            log.debug("login by %r from %s over the limit again", login.user, login.address)
+            return
+        if len(self._over_limit_warned) > 10000:
+            self._over_limit_warned = {user: when for user, when in self._over_limit_warned.items()
+                                       if now - when < self.config.window}
+        self._over_limit_warned[login.user] = now
+        log_event(log, logging.WARNING, events.LOGIN_OVER_LIMIT,
+                  "login from %s granted nothing: its user already holds live grants for %d addresses "
+                  "([Grants] MaxAddressesPerUser=%d): %s", login.address, len(others),
+                  self.config.max_addresses_per_user, " ".join(others), address=login.address,
+                  source=login.source, unit=unit, user=login.user)
 
     def status(self) -> str:
         parts = [f"watching {', '.join(source.name for source in self.sources)}"]

@@ -73,32 +73,28 @@ def find_address(environment: dict) -> str:
 
 
 def decide(config_path: str | None, relay_client: str | None, address: str):
-    """(RELAYCLIENT value or None, the event, log message). Raises on any failure."""
+    """(RELAYCLIENT value or None, the event, log message, the account). Raises on any failure."""
     import time
 
     from poplock import events
-    from poplock.access import check_relay_in_files
+    from poplock.access import check_relay_in_files, describe, grant_user
     from poplock.config import load_config
 
     config = load_config(config_path, sections=("Grants", "Store", "Relaylock"))
-    decision = check_relay_in_files(config, address, time.time())
+    now = time.time()
+    decision = check_relay_in_files(config, address, now)
     value = relay_client if relay_client is not None else config.relay_client
-    if decision.network is not None:
-        reason = f"static network {decision.network.text}"
-        return value, events.RELAY_ALLOWED, f"relay allowed for {address}: {reason}"
     if decision.allowed:
-        grant = decision.grant
-        return value, events.RELAY_ALLOWED, f"relay allowed for {address}: {grant.source} grant"
-    reason = "its grant expired" if decision.grant is not None else "no grant"
-    return None, events.RELAY_REFUSED, f"no relay for {address}: {reason}"
+        return value, events.RELAY_ALLOWED, describe(decision, now), grant_user(decision)
+    return None, events.RELAY_REFUSED, describe(decision, now), None
 
 
-def report(message: str, event=None, address: str | None = None, priority: int = 6) -> None:
+def report(message: str, event=None, address: str | None = None, priority: int = 6, user: str | None = None) -> None:
     """One line to the journal or standard error (never to the client; see connection.report)."""
     try:
         from poplock.connection import report as send_report
 
-        send_report("relaylock", message, priority, event, address)
+        send_report("relaylock", message, priority, event, address, user)
     except Exception:  # noqa: BLE001 - reporting must never stop the server from running
         pass
 
@@ -118,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     address = None
     try:
         address = find_address(environment)
-        value, event, message = decide(config_path, relay_client, address)
+        value, event, message, user = decide(config_path, relay_client, address)
         if value is not None:
             environment[RELAYCLIENT] = value.encode()
-        report(message, event, address)
+        report(message, event, address, user=user)
     except BaseException as error:  # noqa: BLE001 - every failure here must still run the server
         report(f"cannot decide, not relaying: {_describe(error)}", _failure_event(error), address, priority=3)
     from poplock.connection import execute

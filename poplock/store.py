@@ -64,6 +64,10 @@ GRANTS_KEY = b"#grants"
 EPOCH_KEY = b"#epoch"
 # In the top: the base's grant for this address is withdrawn.
 TOMBSTONE = b"-"
+# "~NAME": the addresses whose grants the user NAME's logins opened, space-separated. An
+# index for the abuse limits, kept by the writers; a hint to check against the grants
+# themselves, never a grant.
+USER_PREFIX = b"~"
 # The top's own keys, which are neither grants nor metadata of the callers'.
 STRUCTURE_KEYS = (GENERATION_KEY, COUNT_KEY, BASE_KEY, GRANTS_KEY, EPOCH_KEY)
 
@@ -128,7 +132,7 @@ class OpenStore:
     def get(self, key: bytes) -> bytes | None:
         """The raw value for `key`: the top's, else the base's; None when absent or withdrawn."""
         value = self.top.get(key)
-        if value is None and self.base_name is not None and not key.startswith(b"#"):
+        if value is None and self.base_name is not None and not key.startswith(b"#"):  # "~" keys too
             value = self.base().get(key)
         return None if value == TOMBSTONE else value
 
@@ -146,6 +150,10 @@ class OpenStore:
             shadowed = set(top)
             keys += [key for key in self.base().keys() if key not in shadowed and not key.startswith(b"#")]
         return keys
+
+    def grant_keys(self) -> list[bytes]:
+        """The keys in effect that are grants (not bookkeeping, not the user index)."""
+        return [key for key in self.keys() if not key.startswith((b"#", USER_PREFIX))]
 
     def close(self) -> None:
         self.top.close()
@@ -248,7 +256,7 @@ def read_snapshot(path: str, busy_timeout: float) -> Snapshot:
             result.metadata[key] = value
         elif kind == "undecodable":
             result.undecodable[key] = value
-        else:
+        elif kind == "generation":
             result.generation = value
     return result
 
@@ -256,7 +264,8 @@ def read_snapshot(path: str, busy_timeout: float) -> Snapshot:
 def iterate_store(path: str, busy_timeout: float):
     """The store's entries one by one, checked for damage, without holding them all:
     ("grant", address, Grant), ("metadata", name, text), ("undecodable", raw key, raw
-    value) and ("generation", None, value). Raises StoreCorruptError as read_snapshot."""
+    value), ("user", name, [addresses]) for the index of who opened which grants, and
+    ("generation", None, value). Raises StoreCorruptError as read_snapshot."""
     for _ in range(3):
         snapshot = open_snapshot(path, busy_timeout)
         if snapshot is None:
@@ -320,6 +329,8 @@ def _check_count(handle, path: str, count: int, expected: int | None) -> None:
 
 
 def _entry(key: bytes, value: bytes) -> tuple:
+    if key.startswith(USER_PREFIX):
+        return "user", key[1:].decode("utf-8", "surrogateescape"), value.decode("utf-8", "replace").split()
     try:
         name = key.decode()
         if name.startswith(METADATA_PREFIX):

@@ -53,8 +53,11 @@ from poplock.store import (
     GRANTS_KEY,
     METADATA_PREFIX,
     TOMBSTONE,
+    USER_PREFIX,
     open_snapshot,
 )
+
+USER_KEY = USER_PREFIX.decode()
 
 log = logging.getLogger("poplock.store")
 
@@ -70,7 +73,9 @@ class State:
 
     def __init__(self, grants: dict, metadata: dict, undecodable: dict, base_name: str | None, total: int,
                  generation: bytes | None = None):
-        self.grants = grants  # address -> Grant, or None for a tombstone over the base's grant
+        # address -> Grant, or None for a tombstone over the base's grant; also "~USER" -> the
+        # raw value of that user's index entry (store.py), or None for a tombstone.
+        self.grants = grants
         self.metadata = metadata  # name -> text
         self.undecodable = undecodable  # raw key -> raw value this version cannot read (kept as is)
         self.base_name = base_name
@@ -159,7 +164,7 @@ class Grants(MutableMapping):
         if self.cleared:
             return
         for address, grant in list(self._state.grants.items()):
-            if grant is not None and address not in changes:
+            if isinstance(grant, Grant) and address not in changes:
                 yield address, grant
         if self._base.path is None:
             return
@@ -167,7 +172,7 @@ class Grants(MutableMapping):
         handle = self._base._handle
         key = handle.firstkey()
         while key is not None:
-            if not key.startswith(b"#"):
+            if not key.startswith((b"#", USER_PREFIX)):
                 address = key.decode("utf-8", "replace")
                 if address not in changes and address not in self._state.grants:
                     try:
@@ -188,12 +193,36 @@ class Grants(MutableMapping):
         return total
 
 
+class Users:
+    """The user index (store.py's "~NAME" keys): which addresses each user's logins opened.
+
+    A hint kept by the writers, to be checked against the grants themselves; read by key."""
+
+    def __init__(self, grants: Grants):
+        self._grants = grants
+        self.changes: dict[str, list[str]] = {}  # "~NAME" -> addresses ([] removes the entry)
+
+    def addresses(self, user: str) -> list[str]:
+        key = USER_KEY + user
+        if key in self.changes:
+            return list(self.changes[key])
+        if self._grants.cleared:
+            return []
+        state = self._grants._state
+        value = state.grants[key] if key in state.grants else self._grants._base.get(key)
+        return value.decode("utf-8", "replace").split() if value else []
+
+    def set(self, user: str, addresses: list[str]) -> None:
+        self.changes[USER_KEY + user] = list(addresses)
+
+
 class Transaction:
-    """What is being changed: `grants` (address -> Grant) and `metadata` (name -> text)."""
+    """What is being changed: `grants` (address -> Grant), `metadata` (name -> text) and `users`."""
 
     def __init__(self, grants: Grants, metadata: dict[str, str]):
         self.grants = grants
         self.metadata = metadata
+        self.users = Users(grants)
 
 
 class StoreWriter:
@@ -229,7 +258,8 @@ class StoreWriter:
             base = self._base_for(state)
             transaction = Transaction(Grants(state, base, cleared=replace), dict(state.metadata))
             yield transaction
-            if transaction.grants.changes or transaction.grants.cleared or transaction.metadata != state.metadata:
+            if transaction.grants.changes or transaction.grants.cleared or transaction.users.changes or \
+                    transaction.metadata != state.metadata:
                 self._publish(state, base, transaction, replace=replace, keep_damaged=keep_damaged)
         finally:
             os.close(lock_fd)  # releases the flock
@@ -324,19 +354,21 @@ class StoreWriter:
                     metadata[name[len(METADATA_PREFIX):]] = value.decode()
                 elif value == TOMBSTONE:
                     grants[name] = None
+                elif name.startswith(USER_KEY):
+                    grants[name] = value
                 else:
                     grants[name] = decode_grant(name, value)
             except (UnicodeDecodeError, GrantDecodeError):
                 undecodable[key] = value
         if base is None:  # no base: everything is in the top
-            state = State(grants, metadata, undecodable, None, sum(g is not None for g in grants.values()))
+            state = State(grants, metadata, undecodable, None, sum(isinstance(g, Grant) for g in grants.values()))
             if total is None and len(grants) > MERGE_AFTER:  # a big store of the first format: the first base
                 state = self._upgrade(state)
             state.generation = generation
             state.epoch = epoch
             return state
         state = State(grants, metadata, undecodable, base.decode(), int(total) if total and total.isdigit() else
-                      sum(g is not None for g in grants.values()), generation)
+                      sum(isinstance(g, Grant) for g in grants.values()), generation)
         state.epoch = epoch
         return state
 
@@ -392,6 +424,17 @@ class StoreWriter:
                 new.grants.pop(address, None)
                 changed[key] = None
             new.undecodable.pop(key, None)
+        for name, addresses in transaction.users.changes.items():
+            key = name.encode("utf-8", "surrogateescape")
+            if addresses:
+                value = " ".join(addresses).encode()
+                new.grants[name] = changed[key] = value
+            elif new.base_name is not None and base.get(name) is not None:
+                new.grants[name] = None
+                changed[key] = TOMBSTONE
+            else:
+                new.grants.pop(name, None)
+                changed[key] = None
         for name in state.metadata.keys() - new.metadata.keys():
             changed[(METADATA_PREFIX + name).encode()] = None
         for name, text in new.metadata.items():
@@ -628,7 +671,7 @@ def _write_top_afresh(path: str, state: State, structure: dict, count: int) -> N
         for key, value in state.undecodable.items():
             snapshot[key] = value
         for address, grant in state.grants.items():
-            snapshot[address.encode()] = encode_grant(grant) if grant is not None else TOMBSTONE
+            snapshot[address.encode("utf-8", "surrogateescape")] = _encode(grant)
         for name, text in state.metadata.items():
             snapshot[(METADATA_PREFIX + name).encode()] = text.encode()
         for key, value in structure.items():
@@ -663,7 +706,7 @@ def _fill_base(new_path: str, old_base: str | None, top: dict[str, Grant | None]
             try:
                 key = source.firstkey()
                 while key is not None:
-                    if not key.startswith(b"#") and key.decode("utf-8", "replace") not in top:
+                    if not key.startswith(b"#") and key.decode("utf-8", "surrogateescape") not in top:
                         snapshot[key] = source[key]
                         count += 1
                     key = source.nextkey(key)
@@ -671,11 +714,18 @@ def _fill_base(new_path: str, old_base: str | None, top: dict[str, Grant | None]
                 source.close()
         for address, grant in top.items():
             if grant is not None:
-                snapshot[address.encode()] = encode_grant(grant)
+                snapshot[address.encode("utf-8", "surrogateescape")] = _encode(grant)
                 count += 1
         snapshot[COUNT_KEY] = b"%d" % count
     finally:
         snapshot.close()
+
+
+def _encode(value) -> bytes:
+    """A top entry's raw value: a grant, a user index entry (bytes already), or a tombstone (None)."""
+    if value is None:
+        return TOMBSTONE
+    return value if isinstance(value, bytes) else encode_grant(value)
 
 
 def _identity(status: os.stat_result) -> tuple:

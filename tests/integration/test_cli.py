@@ -17,7 +17,7 @@ def test_a_grant_added_by_hand_lets_the_client_relay_until_it_is_removed(setup):
     added = setup.run("add", "192.0.2.7", "--for", "2h", check=True)
     assert added.stdout.startswith("192.0.2.7 may relay until ")
     check = setup.run("check", "192.0.2.7")
-    assert check.returncode == 0 and "may relay: grant until" in check.stdout and "(manual login at" in check.stdout
+    assert check.returncode == 0 and "may relay: grant until" in check.stdout and "(by hand at" in check.stdout
     assert setup.run("remove", "192.0.2.7", check=True).stdout == "removed the grant for 192.0.2.7\n"
     after = setup.run("check", "192.0.2.7")
     assert after.returncode == 1

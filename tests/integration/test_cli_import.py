@@ -83,7 +83,7 @@ def test_a_large_import_is_one_transaction_into_a_base_and_show_streams_it(setup
     assert setup.run("import", "--no-journal", str(source), check=True).stdout == "imported 20000 grants\n"
     assert len(list(setup.directory.glob("grants.db.base-*"))) == 1
     shown = setup.run("show", check=True).stdout.splitlines()
-    assert len(shown) == 20001 and shown[0].split() == ["ADDRESS", "EXPIRES", "SOURCE", "LOGIN"]
+    assert len(shown) == 20001 and shown[0].split() == ["ADDRESS", "EXPIRES", "SOURCE", "USER", "LOGIN"]
     assert setup.run("remove", "10.0.78.30", check=True)
     assert not setup.may_relay("10.0.78.30") and setup.may_relay("10.0.78.31")
     assert len(setup.run("show", "--json", check=True).stdout.splitlines()) == 19999

@@ -26,7 +26,8 @@ REQUEST = "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={cli
 
 
 def login_line(address: str) -> str:
-    return (f"pop3-login: Login: user=<alice>, method=PLAIN, rip={address}, lip=192.0.2.1, mpid=4242, "
+    # A user of its own for each client: one user's logins open at most MaxAddressesPerUser relays.
+    return (f"pop3-login: Login: user=<user-{address}>, method=PLAIN, rip={address}, lip=192.0.2.1, mpid=4242, "
             f"TLS, session=<b7aS8S1hfbZ/AAAF>")
 
 

@@ -1,5 +1,6 @@
 """poplock-policy on real sockets: Postfix's own requests, pipelining, garbage, slow and oversized peers."""
 
+import json
 import socket
 import subprocess
 import threading
@@ -8,6 +9,8 @@ import time
 import pytest
 from support.poplock import PolicyProcess, command
 from support.ports import free_port
+
+from poplock.logs import iso_time
 
 # Attributes Postfix 3.7 sent for a relay check (../shared/recipes/postfix.md), in order.
 POSTFIX_REQUEST = (
@@ -257,3 +260,23 @@ def test_trouble_that_repeats_is_logged_once_not_per_request(service, setup):
     for _ in range(20):
         assert client.ask("192.0.2.99") == "action=DUNNO"
     assert service.output().count("invalid configuration") == 1
+
+
+def test_with_a_header_configured_the_header_context_gets_a_prepend_naming_the_login(setup, tmp_path):
+    now = int(time.time())
+    listing = tmp_path / "grants.jsonl"  # a grant opened by alice's login, as `show --json` prints it
+    listing.write_text(json.dumps({"kind": "grant", "address": "192.0.2.9", "expires": iso_time(now + 1800),
+                                   "source": "dovecot", "user": "alice", "login_time": iso_time(now - 60)}) + "\n")
+    setup.run("import", str(listing), check=True)
+    setup.run("add", "192.0.2.10", check=True)  # by hand: no login to name
+    setup.write(extra="\n[Policy]\nHeader=X-PopBeforeSMTP\n")
+    with PolicyProcess(setup) as policy:
+        client = Client("127.0.0.1", policy.port)
+        header = "policy_context=poplock-header\n\n"
+        client.send(POSTFIX_REQUEST.format(client="192.0.2.9").replace("policy_context=\n\n", header))
+        assert client.reply() == (f"action=PREPEND X-PopBeforeSMTP: alice (dovecot login from 192.0.2.9 at "
+                                  f"{iso_time(now - 60)})")
+        client.send(POSTFIX_REQUEST.format(client="192.0.2.10").replace("policy_context=\n\n", header))
+        assert client.reply() == "action=DUNNO"
+        assert client.ask("192.0.2.9") == "action=OK"  # the relay decision itself is unchanged
+        client.close()

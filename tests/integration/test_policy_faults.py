@@ -275,6 +275,8 @@ def test_more_idle_connections_than_the_limits_cannot_lock_out_a_legitimate_clie
 def test_a_new_connection_beyond_max_connections_closes_the_one_idle_longest(setup):
     with start_policy(setup, "MaxConnections=10\n") as policy:
         connections = [connect(policy, f"127.0.0.{10 + index}") for index in range(10)]
+        for connection in connections:  # one answer each, in order: the service has seen them in that order
+            assert ask(connection, GRANTED) == "action=OK"
         assert ask(connections[0], GRANTED) == "action=OK"  # now idle the shortest
         newcomers = [connect(policy, "127.0.0.99") for _ in range(2)]
         for newcomer in newcomers:

@@ -20,7 +20,8 @@ from poplock.store import read_snapshot
 
 
 def login_line(address: str) -> str:
-    return (f"pop3-login: Login: user=<alice>, method=PLAIN, rip={address}, lip=127.0.0.1, mpid=4242, "
+    # A user of its own for each client: one user's logins open at most MaxAddressesPerUser relays.
+    return (f"pop3-login: Login: user=<user-{address}>, method=PLAIN, rip={address}, lip=127.0.0.1, mpid=4242, "
             f"session=<b7aS8S1hfbZ/AAAF>")
 
 

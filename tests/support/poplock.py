@@ -34,7 +34,7 @@ def command_for_everyone(name: str) -> str:
 
 def grant_keys(snapshot) -> list[bytes]:
     """The keys of an open store snapshot that are grants (not "#" bookkeeping)."""
-    return [key for key in snapshot.keys() if not key.startswith(b"#")]
+    return [key for key in snapshot.keys() if not key.startswith((b"#", b"~"))]
 
 
 class Setup:
@@ -81,7 +81,8 @@ class Setup:
 class ReaderProcess:
     """poplock-reader following the journal, started and stopped like systemd would."""
 
-    def __init__(self, setup: Setup, *arguments: str, environment: dict[str, str] | None = None):
+    def __init__(self, setup: Setup, *arguments: str, environment: dict[str, str] | None = None,
+                 journal: bool = False):
         self.setup = setup
         self.notify = NotifySocket(setup.directory)
         env = {key: value for key, value in os.environ.items() if key not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
@@ -89,6 +90,8 @@ class ReaderProcess:
         env.update(environment or {})
         self.log = setup.directory / f"reader-{len(list(setup.directory.glob('reader-*.log')))}.log"
         with open(self.log, "wb") as log:
+            if journal:
+                env["JOURNAL_STREAM"] = journal_stream(log)
             self.process = subprocess.Popen(
                 [command("poplock-reader"), "-c", str(setup.config), *arguments],
                 stdout=log, stderr=log, env=env,
@@ -122,7 +125,7 @@ class ReaderProcess:
 class PolicyProcess:
     """poplock-policy listening on a loopback port (or the given --listen places)."""
 
-    def __init__(self, setup: Setup, *listen: str, arguments: tuple[str, ...] = ()):
+    def __init__(self, setup: Setup, *listen: str, arguments: tuple[str, ...] = (), journal: bool = False):
         from .ports import free_port
 
         self.setup = setup
@@ -136,6 +139,8 @@ class PolicyProcess:
         for where in self.listen:
             command_line += ["--listen", where]
         with open(self.log, "wb") as log:
+            if journal:
+                env["JOURNAL_STREAM"] = journal_stream(log)
             self.process = subprocess.Popen(command_line, stdout=log, stderr=log, env=env)
         _wait_until_ready(self.process, self.notify, self.log)
 
@@ -154,6 +159,14 @@ class PolicyProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def journal_stream(log) -> str:
+    """$JOURNAL_STREAM naming the open file `log`: the program takes its standard error (that
+    file) for a journal stream, as under systemd, and logs to journald natively, fields and all.
+    (Lines journald cannot take still land in the file.)"""
+    status = os.fstat(log.fileno())
+    return f"{status.st_dev}:{status.st_ino}"
 
 
 def _wait_until_ready(process: subprocess.Popen, notify: NotifySocket, log: Path, timeout: float = 15.0) -> None:

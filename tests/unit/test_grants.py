@@ -25,6 +25,13 @@ def test_a_grant_is_live_until_the_second_it_expires():
     assert not grant.is_live(LOGIN_AT + 1800)
 
 
+def test_the_newer_login_says_whose_grant_it_is():
+    old = grant_for_login("192.0.2.7", LOGIN_AT, 1800, "dovecot", "alice")
+    new = grant_for_login("192.0.2.7", LOGIN_AT + 600, 1800, "dovecot", "bob")
+    assert merge_grant(old, new, LOGIN_AT + 600).user == "bob"
+    assert merge_grant(new, old, LOGIN_AT + 600).user == "bob"  # a late entry of alice's changes nothing
+
+
 def test_a_newer_login_extends_a_grant():
     old = grant_for_login("192.0.2.7", LOGIN_AT, 1800, "dovecot")
     new = grant_for_login("192.0.2.7", LOGIN_AT + 600, 1800, "courier")
@@ -52,11 +59,28 @@ def test_re_reading_the_same_login_changes_nothing():
 
 def test_grants_are_stored_as_small_versioned_text():
     grant = Grant("2001:db8::7", LOGIN_AT + 1800, LOGIN_AT, "dovecot")
-    assert encode_grant(grant) == b"1 1795701614 1795699814 dovecot"
+    assert encode_grant(grant) == b"2 1795701614 1795699814 dovecot "  # made by hand: no user
     assert decode_grant("2001:db8::7", encode_grant(grant)) == grant
+    login = Grant("2001:db8::7", LOGIN_AT + 1800, LOGIN_AT, "dovecot", "alice")
+    assert encode_grant(login) == b"2 1795701614 1795699814 dovecot alice"
+    assert decode_grant("2001:db8::7", encode_grant(login)) == login
 
 
-@pytest.mark.parametrize("value", [b"", b"2 1 2 x", b"1 soon 2 x", b"1 1 2", b"\xff\xfe"])
+def test_grants_of_the_first_format_are_still_read_without_a_user():
+    assert decode_grant("192.0.2.7", b"1 1795701614 1795699814 dovecot") == Grant(
+        "192.0.2.7", LOGIN_AT + 1800, LOGIN_AT, "dovecot", None)
+
+
+@pytest.mark.parametrize("user", ["alice smith", "1 2 3", "x\n2 9999999999 0 manual", "\udcff", "a" * 300])
+def test_nothing_a_user_name_holds_changes_the_times_or_the_source(user):
+    grant = Grant("192.0.2.7", LOGIN_AT + 1800, LOGIN_AT, "dovecot", user)
+    decoded = decode_grant("192.0.2.7", encode_grant(grant))
+    assert decoded == grant and (decoded.expires_at, decoded.login_at, decoded.source) == (
+        LOGIN_AT + 1800, LOGIN_AT, "dovecot")
+
+
+@pytest.mark.parametrize("value", [b"", b"2 1 2 x", b"1 soon 2 x", b"1 1 2", b"\xff\xfe", b"3 1 2 x y",
+                                   b"2 1 2  alice"])
 def test_a_value_of_another_format_is_refused_not_guessed(value):
     with pytest.raises(GrantDecodeError):
         decode_grant("192.0.2.7", value)
