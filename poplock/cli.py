@@ -270,7 +270,14 @@ def command_remove(config: Config, arguments) -> int:
     if arguments.user is not None:
         return _remove_user(config, arguments.user)
     key = grant_key(arguments.address, config.ipv6_prefix)
-    removed = change_store(config, lambda transaction: transaction.grants.pop(key, None))
+
+    def withdraw(transaction):
+        grant = transaction.grants.pop(key, None)
+        if grant is not None and grant.user is not None:
+            _forget(transaction, grant.user, {key})
+        return grant
+
+    removed = change_store(config, withdraw)
     if removed is None:
         print(f"{key}: no grant to remove", file=sys.stderr)
         return EX_NOT_ALLOWED
@@ -279,6 +286,13 @@ def command_remove(config: Config, arguments) -> int:
     _warn_unless_journaled()
     print(f"removed the grant for {removed.address}")
     return os.EX_OK
+
+
+def _forget(transaction, user: str, addresses: set[str]) -> None:
+    """Take `addresses` out of the user's index entry (storewriter.Users), which has no grants left there."""
+    known = transaction.users.addresses(user)
+    if set(known) & addresses:
+        transaction.users.set(user, [address for address in known if address not in addresses])
 
 
 def _remove_user(config: Config, user: str) -> int:
@@ -370,8 +384,13 @@ def command_expire(config: Config, arguments) -> int:
 
     def purge(transaction):
         expired = [grant for _, grant in transaction.grants.items() if not grant.is_live(now)]
+        by_user: dict[str, set[str]] = {}
         for grant in expired:
             del transaction.grants[grant.address]
+            if grant.user is not None:
+                by_user.setdefault(grant.user, set()).add(grant.address)
+        for user, addresses in by_user.items():
+            _forget(transaction, user, addresses)
         return expired, len(transaction.grants)
 
     expired, remaining = change_store(config, purge)

@@ -445,3 +445,25 @@ def test_a_merge_that_another_writer_overtook_is_dropped(tmp_path):
     writer.finish_merge()
     assert read_snapshot(str(path), 0.02).grants == {}
     assert list(tmp_path.glob("grants.db.base-*")) == []
+
+
+def test_the_user_index_is_kept_in_the_top_and_the_base_and_is_no_grant(tmp_path):
+    path = tmp_path / "grants.db"
+    writer = StoreWriter(str(path))
+    with writer.transaction() as transaction:
+        for address in _addresses(5000):
+            transaction.grants[address] = grant(address)
+        transaction.users.set("alice", ["10.20.0.1", "10.20.0.2"])  # merged into the base with them
+    with writer.transaction() as transaction:
+        assert transaction.users.addresses("alice") == ["10.20.0.1", "10.20.0.2"]
+        assert len(transaction.grants) == 5000
+        transaction.users.set("alice", ["10.20.0.2"])
+        transaction.users.set("bob", ["10.20.0.3"])
+    with StoreWriter(str(path)).transaction() as transaction:  # read back by another writer
+        assert transaction.users.addresses("alice") == ["10.20.0.2"]
+        assert transaction.users.addresses("bob") == ["10.20.0.3"]
+        transaction.users.set("alice", [])
+    snapshot = read_snapshot(str(path), 0.02)
+    assert len(snapshot.grants) == 5000 and not any(address.startswith("~") for address in snapshot.grants)
+    with StoreWriter(str(path)).transaction() as transaction:
+        assert transaction.users.addresses("alice") == []
