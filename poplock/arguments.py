@@ -6,6 +6,15 @@ import sys
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    """argparse with poplock's usage exit status, and --version on every program's top parser."""
+
+    def __init__(self, *arguments, **keywords):
+        super().__init__(*arguments, **keywords)
+        if keywords.get("add_help", True) and "prog" in keywords:
+            from poplock import __version__
+
+            self.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
     def error(self, message: str):
         self.print_usage(sys.stderr)
         self.exit(os.EX_USAGE, f"{self.prog}: error: {message}\n")

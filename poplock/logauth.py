@@ -78,6 +78,11 @@ def report(message: str, priority: int = 4) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        from poplock import __version__
+
+        report(f"version {__version__}")  # on standard error, like --help: standard output is the client's
+        return 0
     if argv[:1] in (["-h"], ["--help"]):
         report(USAGE, priority=6)
         return 0

@@ -94,3 +94,16 @@ def test_make_uninstall_removes_what_make_install_put_and_keeps_the_configuratio
     make("uninstall", f"DESTDIR={tmp_path}", "PREFIX=/usr")
     left = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file())
     assert left == ["etc/poplock/poplock.conf", "etc/poplock/static-allowed"]
+
+
+@pytest.mark.parametrize("program", ["poplock", "poplock-reader", "poplock-policy", "poplock-logauth",
+                                     "relaylock"])
+def test_every_program_tells_its_version_from_the_one_place_it_is_written(program):
+    from support.poplock import command
+
+    from poplock import __version__
+
+    result = subprocess.run([command(program), "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert __version__ in (result.stdout + result.stderr).split()[-1], result
+    assert result.stdout == "" or program.startswith("poplock")  # relaylock: never standard output
