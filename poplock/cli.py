@@ -374,7 +374,13 @@ def command_import(config: Config, arguments) -> int:
 
 
 def command_rebuild(config: Config, arguments) -> int:
-    count = rebuild_store(config, directory=arguments.directory, files=arguments.file)
+    damage = None
+    try:  # a damaged store is kept aside for a post-mortem, and what the journal cannot give is salvaged
+        for _ in iterate_store(config.store_path, config.busy_timeout):
+            pass
+    except StoreCorruptError as error:
+        damage = error
+    count = rebuild_store(config, damage, directory=arguments.directory, files=arguments.file)
     print(f"rebuilt {config.store_path} from the journal: {count} grants")
     return os.EX_OK
 

@@ -135,6 +135,7 @@ class Reader:
         `error` says why (a damaged store); None for a rebuild asked for by hand.
         """
         since = iso_time(self.clock() - self.config.window)
+        self._check_journal_readable()
         if error is not None:
             log_event(log, logging.ERROR, events.STORE_REBUILT, "%s; rebuilding it from the journal since %s",
                       error, since)
@@ -153,9 +154,7 @@ class Reader:
         now = self.clock()
         window_start = now - self.config.window
         initial: dict[str, Grant] = {}
-        if not self.follower.readable():
-            raise JournalError("cannot rebuild the grant store: no journal file could be opened (reading the "
-                               "system journal takes root or the systemd-journal group)")
+        self._check_journal_readable()
         earliest = self.follower.earliest_time()
         if earliest is not None and earliest > window_start:
             log.warning("the journal begins at %s, after the start of the window (%s): logins before then cannot "
@@ -181,6 +180,11 @@ class Reader:
         self._replace = replace
         self.cursor = None
         self.follower.seek(None, window_start)
+
+    def _check_journal_readable(self) -> None:
+        if not self.follower.readable():
+            raise JournalError("cannot rebuild the grant store: no journal file could be opened (reading the "
+                               "system journal takes root or the systemd-journal group)")
 
     def process_available(self) -> int:
         """Read, grant and checkpoint every entry available now; returns how many were read."""
@@ -490,6 +494,8 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
             merging = None
             try:
                 writer.finish_merge()
+            except StoreCorruptError as error:  # the base: the journal has every grant of the window
+                reader.rebuild(error)
             except StoreError as error:  # the top merely stays larger; the next merge tries again
                 log_event(log, logging.ERROR, events.STORE_FAILED, "%s; the merge is tried again later", error)
         if pause is None:
@@ -545,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", error)
         return os.EX_NOINPUT
     except StoreError as error:  # at start: busy, or no permission; systemd restarts the reader
-        log_event(log, logging.ERROR, events.STORE_FAILED, "%s", error)
+        event = events.STORE_BUSY if isinstance(error, StoreBusyError) else events.STORE_FAILED
+        log_event(log, logging.ERROR, event, "%s", error)
         return os.EX_TEMPFAIL
 
 

@@ -357,14 +357,18 @@ def _iterate_unchecked(path: str):
     if snapshot is None:
         return
     try:
+        seen = set()  # the top's keys, tombstones included, shadow the base's
         for handle in (snapshot.top, snapshot.base() if snapshot.base_name else None):
             if handle is None:
                 continue
             key = handle.firstkey()
             while key is not None:
-                value = handle[key]
-                if not key.startswith(b"#") and value != TOMBSTONE:
-                    yield _entry(key, value)
+                if key not in seen:
+                    value = handle[key]
+                    if handle is snapshot.top:
+                        seen.add(key)
+                    if not key.startswith(b"#") and value != TOMBSTONE:
+                        yield _entry(key, value)
                 key = handle.nextkey(key)
     finally:
         snapshot.close()

@@ -65,6 +65,7 @@ SNAPSHOT_MODE = 0o640
 LOCK_MODE = 0o600
 MERGE_AFTER = 4096  # top entries before they are merged into a new base (about 400 kB of top)
 MERGE_NOW_AFTER = 4 * MERGE_AFTER  # a commit leaving more than this merges at once
+MERGE_FOUND_DAMAGE = 2  # a background merge's exit status when the base it read was damaged
 REWRITE_AFTER = 1000  # changed keys before a base-less top is written afresh, at the least
 
 
@@ -170,16 +171,26 @@ class Grants(MutableMapping):
             return
         self._base.get("")  # opens it
         handle = self._base._handle
-        key = handle.firstkey()
-        while key is not None:
-            if not key.startswith((b"#", USER_PREFIX)):
-                address = key.decode("utf-8", "replace")
-                if address not in changes and address not in self._state.grants:
-                    try:
-                        yield address, decode_grant(address, handle[key])
-                    except GrantDecodeError:
-                        pass
-            key = handle.nextkey(key)
+        read, expected = 0, None
+        try:
+            key = handle.firstkey()
+            while key is not None:
+                if key == COUNT_KEY:
+                    expected = handle[key]
+                    key = handle.nextkey(key)
+                    continue
+                read += 1
+                if not key.startswith((b"#", USER_PREFIX)):
+                    address = key.decode("utf-8", "replace")
+                    if address not in changes and address not in self._state.grants:
+                        try:
+                            yield address, decode_grant(address, handle[key])
+                        except GrantDecodeError:
+                            pass
+                key = handle.nextkey(key)
+        except (_gdbm.error, KeyError) as error:
+            raise StoreCorruptError(f"the store's base {self._base.path} is damaged: {error}") from None
+        _check_base(handle, self._base.path, read, expected)
 
     def values(self):
         return [grant for _, grant in self.items()]
@@ -362,10 +373,10 @@ class StoreWriter:
                 undecodable[key] = value
         if base is None:  # no base: everything is in the top
             state = State(grants, metadata, undecodable, None, sum(isinstance(g, Grant) for g in grants.values()))
-            if total is None and len(grants) > MERGE_AFTER:  # a big store of the first format: the first base
-                state = self._upgrade(state)
             state.generation = generation
             state.epoch = epoch
+            if total is None and len(grants) > MERGE_AFTER:  # a big store of the first format: the first base
+                state = self._upgrade(state)
             return state
         state = State(grants, metadata, undecodable, base.decode(), int(total) if total and total.isdigit() else
                       sum(isinstance(g, Grant) for g in grants.values()), generation)
@@ -375,9 +386,14 @@ class StoreWriter:
     def _upgrade(self, state: State) -> State:
         """A one-file store (the first format) of many grants: the file itself becomes the base,
         by a hard link, and the first commit writes a top of its own."""
-        name = f"{os.path.basename(self.path)}.base-{os.urandom(8).hex()}"
-        os.link(self.path, f"{self.directory}/{name}")
-        _fsync_directory(self.directory)
+        inode = os.stat(self.path).st_ino
+        prefix = f"{os.path.basename(self.path)}.base-"
+        linked = [entry.name for entry in os.scandir(self.directory)  # by a load before that changed nothing
+                  if entry.name.startswith(prefix) and entry.inode() == inode]
+        name = linked[0] if linked else f"{prefix}{os.urandom(8).hex()}"
+        if not linked:
+            os.link(self.path, f"{self.directory}/{name}")
+            _fsync_directory(self.directory)
         log.info("%s: %d grants become the base %s", self.path, state.total, name)
         upgraded = State({}, state.metadata, {}, name, state.total)
         upgraded.afresh = True
@@ -561,6 +577,7 @@ class StoreWriter:
                 os.close(fd)
         except OSError as error:
             _remove_quietly(path)
+            _remove_quietly(path + ".new")
             raise StoreError(f"cannot write the store's base {path}: {_describe(error)}") from None
         return name
 
@@ -589,6 +606,8 @@ class StoreWriter:
                     owner = os.stat(self.directory)
                     os.chown(path + ".new", owner.st_uid, owner.st_gid)
                 status = 0
+            except StoreCorruptError:
+                status = MERGE_FOUND_DAMAGE
             except BaseException:  # noqa: BLE001 - the parent reports it, and the top keeps growing
                 pass
             os._exit(status)
@@ -602,7 +621,12 @@ class StoreWriter:
         self._merge = None
         os.close(read_fd)
         _, status = os.waitpid(pid, 0)
+        status = os.waitstatus_to_exitcode(status)
         path = f"{self.directory}/{name}"
+        if status == MERGE_FOUND_DAMAGE:
+            _remove_quietly(path + ".new")
+            raise StoreCorruptError(f"the store's base {Base(self.path, merged.base_name).path} is damaged: "
+                                    "found while merging the top into a new base")
         if status != 0:
             _remove_quietly(path + ".new")
             log.warning("could not merge the top of %s into a new base (status %d); will try again", self.path,
@@ -688,6 +712,7 @@ def _write_base_file(path: str, old_base: str | None, top: dict[str, Grant | Non
     new_path = path + ".new"
     fd = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, SNAPSHOT_MODE)  # see _write_top
     try:
+        os.fchmod(fd, SNAPSHOT_MODE)  # whatever the umask: the SMTP side must be able to read it
         _fill_base(new_path, old_base, top)
         os.fsync(fd)
     finally:
@@ -704,12 +729,18 @@ def _fill_base(new_path: str, old_base: str | None, top: dict[str, Grant | None]
         if old_base is not None:
             source = _gdbm.open(old_base, "r")
             try:
+                read, expected = 0, None
                 key = source.firstkey()
                 while key is not None:
-                    if not key.startswith(b"#") and key.decode("utf-8", "surrogateescape") not in top:
-                        snapshot[key] = source[key]
-                        count += 1
+                    if key == COUNT_KEY:
+                        expected = source[key]
+                    else:
+                        read += 1
+                        if not key.startswith(b"#") and key.decode("utf-8", "surrogateescape") not in top:
+                            snapshot[key] = source[key]
+                            count += 1
                     key = source.nextkey(key)
+                _check_base(source, old_base, read, expected)
             finally:
                 source.close()
         for address, grant in top.items():
@@ -719,6 +750,19 @@ def _fill_base(new_path: str, old_base: str | None, top: dict[str, Grant | None]
         snapshot[COUNT_KEY] = b"%d" % count
     finally:
         snapshot.close()
+
+
+def _check_base(handle, path: str, read: int, expected: bytes | None) -> None:
+    """A base read whole holds what it says it holds (store.py: damage is never fewer grants)."""
+    try:
+        if expected is None:
+            len(handle)  # a base of the first format: gdbm's own check must do
+            return
+    except _gdbm.error as error:
+        raise StoreCorruptError(f"the store's base {path} is damaged: {error}") from None
+    if not expected.isdigit() or int(expected) != read:
+        recorded = expected.decode(errors="replace")
+        raise StoreCorruptError(f"the store's base {path} is damaged: {read} of its {recorded} entries are readable")
 
 
 def _encode(value) -> bytes:

@@ -467,3 +467,47 @@ def test_the_user_index_is_kept_in_the_top_and_the_base_and_is_no_grant(tmp_path
     assert len(snapshot.grants) == 5000 and not any(address.startswith("~") for address in snapshot.grants)
     with StoreWriter(str(path)).transaction() as transaction:
         assert transaction.users.addresses("alice") == []
+
+
+def test_a_damaged_base_is_found_by_the_next_merge_and_by_a_whole_read_never_merged_away(tmp_path):
+    path = tmp_path / "grants.db"
+    writer = StoreWriter(str(path))
+    with writer.transaction() as transaction:
+        for address in _addresses(5000):
+            transaction.grants[address] = grant(address)
+    base = next(tmp_path.glob("grants.db.base-*"))
+    os.truncate(base, base.stat().st_size // 2)
+    with pytest.raises(StoreCorruptError, match="damaged"):
+        read_snapshot(str(path), 0.02)
+    with pytest.raises(StoreCorruptError, match="base .* is damaged"), writer.transaction() as transaction:
+        for address in _addresses(5000, "10.40"):  # enough to merge
+            transaction.grants[address] = grant(address)
+    with pytest.raises(StoreCorruptError), writer.transaction() as transaction:
+        expired = [address for address, found in transaction.grants.items() if not found.is_live(NOW)]
+
+
+def test_salvage_never_brings_back_a_grant_the_top_withdrew(tmp_path):
+    from poplock.store import salvage_snapshot
+
+    path = tmp_path / "grants.db"
+    with StoreWriter(str(path)).transaction() as transaction:
+        for address in _addresses(5000):
+            transaction.grants[address] = grant(address)
+    with StoreWriter(str(path)).transaction() as transaction:
+        del transaction.grants["10.20.0.1"]
+        transaction.grants["10.20.0.2"] = grant("10.20.0.2", minutes=90)
+    salvaged = salvage_snapshot(str(path)).grants
+    assert "10.20.0.1" not in salvaged and salvaged["10.20.0.2"] == grant("10.20.0.2", minutes=90)
+
+
+def test_a_base_is_readable_by_the_other_users_of_the_store_whatever_the_umask(tmp_path):
+    path = tmp_path / "grants.db"
+    old = os.umask(0o077)
+    try:
+        with StoreWriter(str(path)).transaction() as transaction:
+            for address in _addresses(5000):
+                transaction.grants[address] = grant(address)
+    finally:
+        os.umask(old)
+    base = next(tmp_path.glob("grants.db.base-*"))
+    assert base.stat().st_mode & 0o777 == 0o640
