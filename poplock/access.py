@@ -32,7 +32,7 @@ def describe(decision: Decision, now: float) -> str:
         return f"relay allowed for {address}: static network {decision.network.text}"
     grant = decision.grant
     if decision.allowed:
-        return f"relay allowed for {address}: {'manual' if grant.source == 'manual' else grant.source + ' login'} grant"
+        return f"relay allowed for {address}: {grant.source} grant"
     if grant is None:
         return f"no relay for {address}: no grant"
     if decision.denied is not None:
@@ -69,8 +69,32 @@ def check_relay(address: str, now: float, networks: list[Network], lookup, *, de
     return decide(address, now, networks, lookup(grant_key(address, ipv6_prefix)), denials)
 
 
-def check_relay_in_files(config, address: str, now: float) -> Decision:
-    """check_relay() on the configured lists and store. Raises ConfigError/StoreError."""
-    return check_relay(address, now, load_allow_list(config.static_allow_file),
-                       lambda key: lookup_grant(config.store_path, key, config.busy_timeout),
-                       denials=load_deny_list(config.deny_file), ipv6_prefix=config.ipv6_prefix)
+def needs_fresh_look(decision: Decision) -> bool:
+    """A refusal the journal may already contradict: no live grant (yet), and nothing that
+    a new login could not change (the static list allows, the deny list refuses)."""
+    return not decision.allowed and decision.denied is None
+
+
+def check_relay_in_files(config, address: str, now: float, *, fresh: bool = True) -> Decision:
+    """check_relay() on the configured lists and store. Raises ConfigError/StoreError.
+
+    `fresh`: before refusing, ask poplock-reader to read the journal up to now
+    ([Store] ReaderSocket=, for at most ReaderWait=), then look again: a client that
+    checked its mail a moment ago is not refused because the reader had not read it yet.
+    """
+    networks = load_allow_list(config.static_allow_file)
+    denials = load_deny_list(config.deny_file)
+
+    def lookup(key):
+        return lookup_grant(config.store_path, key, config.busy_timeout)
+
+    decision = check_relay(address, now, networks, lookup, denials=denials, ipv6_prefix=config.ipv6_prefix)
+    if fresh and needs_fresh_look(decision) and config.reader_socket and config.reader_wait > 0:
+        from poplock.connection import ask_reader
+
+        if ask_reader(config.reader_socket, config.reader_wait):
+            import time
+
+            decision = check_relay(address, max(now, time.time()), networks, lookup, denials=denials,
+                                   ipv6_prefix=config.ipv6_prefix)
+    return decision

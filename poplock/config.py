@@ -34,6 +34,17 @@ def _busy_timeout(text: str) -> float:
     return seconds
 
 
+def _optional_absolute_path(text: str) -> str:
+    return parse_absolute_path(text) if text.strip() else ""
+
+
+def _reader_wait(text: str) -> float:
+    seconds = parse_timespan(text)
+    if seconds > 1:
+        raise ValueError("must be at most 1s: a client's connection waits this long for each refusal")
+    return seconds
+
+
 def _recheck_interval(text: str) -> float:
     seconds = parse_timespan(text)
     if 0 < seconds < 0.001:
@@ -139,13 +150,19 @@ SETTINGS = (
             "addresses; 128: the address alone). IPv4 is unaffected."),
     Setting("Store", "Path", "store_path", parse_absolute_path, "/var/lib/poplock/grants.db",
             "The grant store (a gdbm file, replaced whole on every change)."),
+    Setting("Store", "ReaderSocket", "reader_socket", _optional_absolute_path, "/run/poplock/reader.sock",
+            "Where poplock-reader answers \"read the journal up to now\": a decision that finds no grant asks it "
+            "first, so that a login already in the journal is never refused; empty: never ask."),
+    Setting("Store", "ReaderWait", "reader_wait", _reader_wait, "50ms",
+            "How long a decision waits for that answer; then it decides from the store as it is (0: never ask)."),
     Setting("Store", "BusyTimeout", "busy_timeout", _busy_timeout, "20ms",
             "How long a lookup retries a store that another program holds locked before it refuses the relay."),
     Setting("Reader", "CursorPath", "cursor_path", parse_absolute_path, "/var/lib/poplock/cursor",
             "Where poplock-reader keeps its journal cursor."),
-    Setting("Reader", "RecheckInterval", "recheck_interval", _recheck_interval, "10ms",
-            "How often to look for new journal entries besides journald's change notifications, which "
-            "arrive up to half a second late; 0 waits for the notifications alone."),
+    Setting("Reader", "RecheckInterval", "recheck_interval", _recheck_interval, "0",
+            "A fallback only: how often to look for new journal entries besides journald's change "
+            "notifications (which arrive up to half a second late) and the decisions' questions on "
+            "ReaderSocket=; 0 waits for those alone."),
     Setting("Reader", "UnmatchedWarningAfter", "unmatched_warning_after", _positive_timespan, "5min",
             "Warn when a watched server has logged login-looking lines that no pattern reads for this long."),
     Setting("Reader", "Sources", "sources", parse_list, "dovecot",
@@ -284,6 +301,7 @@ _FILES = (
     ("cursor_path", ("", ".new")),
     ("static_allow_file", ("",)),
     ("deny_file", ("",)),
+    ("reader_socket", ("",)),
 )
 
 
@@ -295,6 +313,8 @@ def _check_distinct_files(values: dict, places: dict) -> list[str]:
     seen: dict[str, tuple[str, str]] = {}  # normalized path -> (attribute, path as configured)
     for attribute, suffixes in _FILES:
         for suffix in suffixes:
+            if not values[attribute]:
+                continue  # not used
             path = values[attribute] + suffix
             normal = posixpath.normpath(path)
             if normal in seen and seen[normal][0] != attribute and (seen[normal][0], attribute) not in reported:

@@ -108,6 +108,34 @@ def send(fields: list[tuple[str, str]]) -> bool:
     return True
 
 
+def ask_reader(path: str, timeout: float) -> bool:
+    """Ask poplock-reader to read the journal up to now and commit (reader.py's SyncListener);
+    True once it has, False when it did not answer within `timeout` seconds in all."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        connection.settimeout(timeout)
+        connection.connect(path)
+        connection.sendall(b"sync\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            connection.settimeout(remaining)
+            data = connection.recv(64)
+            if not data:
+                return False
+            answer += data
+        return answer == b"ok\n"
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
 def execute(program: list[str], environment: dict) -> str:
     """Exec `program` as execvpe(3) would, searching $PATH like a shell; returns only when
     nothing could be executed, with the reason."""

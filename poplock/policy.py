@@ -24,14 +24,22 @@ import sys
 import time
 
 from poplock import events
-from poplock.access import check_relay, describe, grant_user
+from poplock.access import check_relay, describe, grant_user, needs_fresh_look
 from poplock.addresses import NO_DENIALS, DenyList, Network, load_allow_list, load_deny_list, normalize_address
 from poplock.arguments import ArgumentParser
 from poplock.config import Config, load_config
 from poplock.errors import AddressError, ConfigError, PoplockError, StoreBusyError
 from poplock.logs import iso_time, log_event, setup_logging
 from poplock.policyprotocol import DUNNO, RequestBuffer, format_reply
-from poplock.service import Limits, Service, Warnings, listening_sockets, raise_open_file_limit, serve
+from poplock.service import (
+    Limits,
+    Service,
+    Warnings,
+    describe_span,
+    listening_sockets,
+    raise_open_file_limit,
+    serve,
+)
 from poplock.store import find_grant, open_snapshot
 
 log = logging.getLogger("poplock.policy")
@@ -97,6 +105,64 @@ def _identity(path: str):
     return (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
 
 
+class ReaderSync:
+    """Asks poplock-reader to read the journal up to now before a refusal (access.check_relay_in_files
+    does the same for relaylock and `poplock check`), without blocking the loop.
+
+    One question is in flight at a time; refusals that come while it is answer after the
+    next one, since their login may have been logged after the read began: a flood of
+    refusals costs the reader one read per round trip, not one each. A reader that does
+    not answer within ReaderWait= leaves the store as it is."""
+
+    def __init__(self, path: str, wait: float, warnings: Warnings):
+        self.path = path
+        self.wait = wait
+        self.warnings = warnings
+        self.asked = 0  # questions sent to the reader (for the benchmark and the status)
+        self._next: list = []  # (callback, future) waiting for the next read
+        self._in_flight = False
+
+    def then(self, callback):
+        """A future of callback()'s result, called once the reader has read (or the wait is over)."""
+        future = asyncio.get_running_loop().create_future()
+        self._next.append((callback, future))
+        if not self._in_flight:
+            self._ask()
+        return future
+
+    def _ask(self) -> None:
+        waiting, self._next = self._next, []
+        self._in_flight = True
+        self.asked += 1
+        task = asyncio.get_running_loop().create_task(self._exchange())
+        task.add_done_callback(lambda _: self._answered(waiting))
+
+    async def _exchange(self) -> None:
+        writer = None
+        try:
+            async with asyncio.timeout(self.wait):
+                reader, writer = await asyncio.open_unix_connection(self.path)
+                writer.write(b"sync\n")
+                answer = await reader.readline()
+            if answer != b"ok\n":
+                raise ConnectionError(f"it answered {answer[:40]!r}")
+        except (OSError, TimeoutError, ConnectionError) as error:
+            self.warnings.warn("reader silent", "poplock-reader did not read the journal for a refusal within "
+                               "[Store] ReaderWait=%s (%s): deciding from the store as it is",
+                               describe_span(self.wait), getattr(error, "strerror", None) or error or "no answer")
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _answered(self, waiting: list) -> None:
+        self._in_flight = False
+        for callback, future in waiting:
+            if not future.done():
+                future.set_result(callback())
+        if self._next:
+            self._ask()
+
+
 class PolicyHandler:
     """The policy service's side of poplock.service: a codec per connection, an answer per request."""
 
@@ -108,6 +174,8 @@ class PolicyHandler:
         self.decisions = 0
         self.allowed = 0
         self._replies = {DUNNO: format_reply(DUNNO), config.policy_action: format_reply(config.policy_action)}
+        self.sync = ReaderSync(config.reader_socket, config.reader_wait, warnings) if (
+            config.reader_socket and config.reader_wait) else None
 
     def decoder(self) -> RequestBuffer:
         return RequestBuffer()
@@ -116,12 +184,18 @@ class PolicyHandler:
         """The reply to one request: DUNNO to one that cannot be read (the service logs why)."""
         if request.problem is not None:
             return self._replies[DUNNO]
-        action = self.action_for(request.attributes)
+        action = self.action_for(request.attributes, fresh=self.sync is None)
+        if action is None:  # a refusal the journal may already contradict: the reader reads first
+            return self.sync.then(lambda: self._reply(self.action_for(request.attributes, fresh=True)))
+        return self._reply(action)
+
+    def _reply(self, action: str) -> bytes:
         reply = self._replies.get(action)
         return reply if reply is not None else format_reply(action)
 
-    def action_for(self, attributes: dict[str, str]) -> str:
-        """The action for one well-formed request; DUNNO on any trouble of ours."""
+    def action_for(self, attributes: dict[str, str], fresh: bool = True) -> str | None:
+        """The action for one well-formed request; DUNNO on any trouble of ours. Not `fresh`:
+        None instead of a refusal that a login not read yet could turn (ask the reader first)."""
         try:
             address = normalize_address(attributes["client_address"])
         except AddressError:
@@ -146,6 +220,8 @@ class PolicyHandler:
                           self.warnings.suffix(left_out), address=address)
             self.snapshots.close()
             return DUNNO
+        if not fresh and needs_fresh_look(decision):
+            return None
         self.decisions += 1
         if decision.allowed:
             self.allowed += 1

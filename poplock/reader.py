@@ -392,6 +392,62 @@ class Reader:
         return "; ".join(parts)
 
 
+class SyncListener:
+    """[Store] ReaderSocket=: a decision that finds no grant asks here for the journal to be
+    read up to now, and waits for "ok" (connection.ask_reader). Questions that arrive
+    together are answered by one read: a flood of refusals costs one read per turn of the
+    loop, not one each. Anyone may ask (mode 0666): an answer reveals nothing, and a read
+    that finds nothing new costs next to nothing."""
+
+    def __init__(self, path: str):
+        import socket
+
+        self.path = path
+        if os.path.exists(path):
+            from poplock.logs import unix_socket_answers
+
+            if unix_socket_answers(path, socket.SOCK_STREAM):
+                raise OSError(f"{path}: another reader answers there")
+            os.unlink(path)  # left by a reader that was killed
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.socket.bind(path)
+        os.chmod(path, 0o666)
+        self.socket.listen(socket.SOMAXCONN)
+        self.socket.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def accept_all(self) -> list:
+        waiting = []
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return waiting
+            except OSError:  # out of descriptors, say: answer those already taken
+                return waiting
+            connection.settimeout(0.05)
+            waiting.append(connection)
+
+    @staticmethod
+    def answer(waiting: list, answer: bytes) -> None:
+        for connection in waiting:
+            try:
+                connection.sendall(answer)
+            except OSError:
+                pass  # gone, or it stopped waiting
+            finally:
+                connection.close()
+
+    def close(self) -> None:
+        self.socket.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
 class _Stop:
     """SIGTERM/SIGINT set a flag and wake the select() through a self-pipe."""
 
@@ -411,6 +467,17 @@ class _Stop:
                 pass
         except BlockingIOError:
             pass
+
+
+def _open_sync_listener(config: Config) -> SyncListener | None:
+    if not config.reader_socket or not config.reader_wait:
+        return None
+    try:
+        return SyncListener(config.reader_socket)
+    except OSError as error:  # decisions then answer from the store as it is, after ReaderWait=
+        log.warning("cannot answer on %s, so a refusal cannot wait for a login just logged: %s",
+                    config.reader_socket, error.strerror or error)
+        return None
 
 
 def local_machine_id() -> str | None:
@@ -441,8 +508,9 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
 
     journald coalesces the inotify notifications it gives readers on a 250 ms timer, so
     a login could wait that long (up to half a second, measured) for the descriptor to
-    turn readable; re-reading the memory-mapped journal every RecheckInterval costs next
-    to nothing and keeps a client that sends mail right after checking it from being refused.
+    turn readable. Instead of re-reading on a timer, the reader reads at once when a
+    decision asks on ReaderSocket= (SyncListener): a client that sends mail right after
+    checking it is not refused, and an idle reader sleeps (RecheckInterval= is a fallback).
     """
     stop = _Stop()
     reader.restore_position()
@@ -455,12 +523,20 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
     attempt = 0
     writer = reader.writer
     merging = None  # the descriptor that turns readable when a merge into a new base is done
+    sync = _open_sync_listener(reader.config) if not once else None
+    waiting: list = []  # decisions waiting for the journal to be read up to now
     while not stop.requested:
         pause = None
         try:
             reader.process_available()
             attempt = 0
+            if waiting:
+                sync.answer(waiting, b"ok\n")
+                waiting = []
         except (StoreError, JournalError, OSError) as error:  # store, cursor file or journal trouble
+            if waiting:
+                sync.answer(waiting, b"error\n")  # they decide from the store as it is
+                waiting = []
             event = events.STORE_BUSY if isinstance(error, StoreBusyError) else events.STORE_FAILED
             log_event(log, logging.ERROR, event, "%s; will retry from the last committed position", error)
             if once:
@@ -486,10 +562,13 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
             last_ping = now
         recheck = reader.config.recheck_interval if pause is None and reader.config.recheck_interval else None
         timeout = _wait_timeout(pause, status_due, watchdog / 2 if watchdog else None, recheck)
-        waiting = [follower.fileno(), stop.read_fd] + ([merging] if merging is not None else [])
-        readable, _, _ = select.select(waiting, [], [], timeout)
+        watched = [follower.fileno(), stop.read_fd] + ([merging] if merging is not None else []) + (
+            [sync.fileno()] if sync is not None else [])
+        readable, _, _ = select.select(watched, [], [], timeout)
         if stop.read_fd in readable:
             stop.drain()
+        if sync is not None and sync.fileno() in readable:
+            waiting = sync.accept_all()  # read at the top of the loop, then answered
         if merging is not None and merging in readable:
             merging = None
             try:
@@ -501,6 +580,8 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
         if pause is None:
             follower.process()
     writer.cancel_merge()
+    if sync is not None:
+        sync.close()
     reader.notify("STOPPING=1")
     log.info("stopping")
     follower.close()

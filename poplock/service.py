@@ -11,7 +11,9 @@ a service, its `handler`:
                              is then closed without an answer)
       .in_request            True while part of a request has arrived and its end has not
     request.problem          None, or why the codec could not read that request
-    handler.answer(request)  the reply, as bytes, to every request, unreadable ones too
+    handler.answer(request)  the reply, as bytes, to every request, unreadable ones too; or an
+                             asyncio future of it, when the answer must wait (the journal being
+                             read): the connection's later replies then wait behind it, in order
 
 The bounds, which a peer cannot talk its way around:
 
@@ -162,6 +164,8 @@ class Connection(asyncio.Protocol):
         self.unreadable = 0
         self.timer = None
         self.open = False  # counted in the service's limits
+        self.queued: collections.deque = collections.deque()  # replies behind one still to come
+        self.watching = None  # the future at the head of `queued` a callback waits for
 
     # asyncio.Protocol
 
@@ -178,7 +182,7 @@ class Connection(asyncio.Protocol):
         try:
             requests = decoder.feed(data)
         except ProtocolError as error:
-            service.warnings.warn("oversized request", "closing a connection from %s: %s", self.peer.name, error)
+            service.warnings.warn("broken protocol", "closing a connection from %s: %s", self.peer.name, error)
             self.shut()
             return
         if requests:
@@ -199,7 +203,11 @@ class Connection(asyncio.Protocol):
                         return
                 replies.append(answer(request))
             service.requests += len(requests)
-            self.transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
+            if self.queued or any(not isinstance(reply, bytes) for reply in replies):
+                self.queued.extend(replies)  # an answer still to come: later ones wait for it, in order
+                self.write_queued()
+            else:
+                self.transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
         if decoder.in_request:
             if requests or not was_in_request:  # a request began in this data: its deadline starts now
                 self.request_started = now = service.loop.time()
@@ -212,6 +220,22 @@ class Connection(asyncio.Protocol):
         elif requests:
             self.idle_since = service.loop.time()
             service.idled(self, was_in_request)
+
+    def write_queued(self, _done=None) -> None:
+        """Write the queued replies in order, up to the first whose answer is still to come
+        (an asyncio future: the handler waits for something, such as the journal being read)."""
+        while self.queued:
+            reply = self.queued[0]
+            if not isinstance(reply, bytes):
+                if not reply.done():
+                    if self.watching is not reply:
+                        self.watching = reply
+                        reply.add_done_callback(self.write_queued)
+                    return
+                reply = reply.result()
+            self.queued.popleft()
+            if self.open:
+                self.transport.write(reply)
 
     def eof_received(self):
         if self.decoder.in_request:

@@ -1,0 +1,100 @@
+"""A decision never says no to a login the journal already holds: a decision that finds no grant
+asks poplock-reader to read the journal up to now ([Store] ReaderSocket=) before it answers,
+with the fallback timer off (RecheckInterval=0, the default) so that nothing else would save it.
+On a real journald, with the real reader, `poplock check`, relaylock and poplock-policy."""
+
+import socket
+import subprocess
+import time
+
+import pytest
+from support.journald import unique_tag
+from support.poplock import PolicyProcess, ReaderProcess, Setup, command
+from systemd import journal
+
+TRIALS = 40
+
+
+def login_line(address: str) -> str:
+    return (f"pop3-login: Login: user=<user-{address}>, method=PLAIN, rip={address}, lip=127.0.0.1, mpid=4242, "
+            f"session=<b7aS8S1hfbZ/AAAF>")
+
+
+@pytest.fixture
+def fresh(journald, tmp_path):
+    tag = unique_tag()
+    setup = Setup(tmp_path, extra=f"\n[Source:dovecot]\nIdentifiers={tag}\n")
+    setup.config.write_text(setup.config.read_text().replace(
+        "[Store]\n", f"[Store]\nReaderSocket={tmp_path / 'reader.sock'}\nReaderWait=500ms\n"))
+    setup.tag = tag
+    return setup
+
+
+def logged_and_readable(setup, address: str) -> None:
+    """Log a trusted login, and return once any journal reader can read it."""
+    watcher = journal.Reader()
+    watcher.add_match(SYSLOG_IDENTIFIER=setup.tag)
+    watcher.seek_tail()
+    watcher.get_previous()
+    journal.send(login_line(address), SYSLOG_IDENTIFIER=setup.tag)
+    deadline = time.monotonic() + 10
+    while True:
+        entry = watcher.get_next()
+        if entry and address in entry["MESSAGE"]:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the login from {address} never became readable")
+        watcher.process()
+        time.sleep(0.0005)
+    watcher.close()
+
+
+def test_poplock_check_right_after_a_login_says_yes_every_time(fresh):
+    with ReaderProcess(fresh):
+        refused = []
+        for index in range(TRIALS):
+            address = f"10.81.0.{index}"
+            logged_and_readable(fresh, address)
+            if not fresh.may_relay(address):
+                refused.append(address)
+    assert refused == []
+
+
+def test_relaylock_right_after_a_login_sets_relayclient_every_time(fresh):
+    with ReaderProcess(fresh):
+        refused = []
+        for index in range(TRIALS):
+            address = f"10.82.0.{index}"
+            logged_and_readable(fresh, address)
+            result = subprocess.run([command("relaylock"), "-c", str(fresh.config), "--", "sh", "-c",
+                                     'echo "${RELAYCLIENT-unset}"'], env={"TCPREMOTEIP": address, "PATH": "/usr/bin:/bin"},
+                                    capture_output=True, text=True, timeout=30)
+            if result.stdout != "\n":
+                refused.append(address)
+    assert refused == []
+
+
+def test_the_policy_service_right_after_a_login_answers_ok_every_time(fresh):
+    with ReaderProcess(fresh), PolicyProcess(fresh) as policy:
+        connection = socket.create_connection(("127.0.0.1", policy.port), timeout=10)
+        replies = connection.makefile("rb")
+        refused = []
+        for index in range(TRIALS):
+            address = f"10.83.0.{index}"
+            logged_and_readable(fresh, address)
+            connection.sendall(f"request=smtpd_access_policy\nclient_address={address}\n\n".encode())
+            if replies.readline() != b"action=OK\n":
+                refused.append(address)
+            assert replies.readline() == b"\n"
+        connection.close()
+    assert refused == []
+
+
+def test_with_the_reader_down_a_refusal_comes_within_the_wait_and_mail_flows(fresh):
+    (fresh.directory / "reader.sock").touch()  # not a socket anyone answers on
+    started = time.monotonic()
+    result = subprocess.run([command("relaylock"), "-c", str(fresh.config), "--", "sh", "-c",
+                             'echo "ran ${RELAYCLIENT-unset}"'], env={"TCPREMOTEIP": "10.84.0.1", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=30)
+    assert result.stdout == "ran unset\n"
+    assert time.monotonic() - started < 10  # bounded; the exact bound is a benchmark's business
