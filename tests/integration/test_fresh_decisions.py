@@ -53,7 +53,7 @@ def test_poplock_check_right_after_a_login_says_yes_every_time(fresh):
     with ReaderProcess(fresh):
         refused = []
         for index in range(TRIALS):
-            address = f"10.81.0.{index}"
+            address = f"10.81.{index >> 8}.{index & 255}"
             logged_and_readable(fresh, address)
             if not fresh.may_relay(address):
                 refused.append(address)
@@ -64,7 +64,7 @@ def test_relaylock_right_after_a_login_sets_relayclient_every_time(fresh):
     with ReaderProcess(fresh):
         refused = []
         for index in range(TRIALS):
-            address = f"10.82.0.{index}"
+            address = f"10.82.{index >> 8}.{index & 255}"
             logged_and_readable(fresh, address)
             result = subprocess.run([command("relaylock"), "-c", str(fresh.config), "--", "sh", "-c",
                                      'echo "${RELAYCLIENT-unset}"'], env={"TCPREMOTEIP": address, "PATH": "/usr/bin:/bin"},
@@ -80,7 +80,7 @@ def test_the_policy_service_right_after_a_login_answers_ok_every_time(fresh):
         replies = connection.makefile("rb")
         refused = []
         for index in range(TRIALS):
-            address = f"10.83.0.{index}"
+            address = f"10.83.{index >> 8}.{index & 255}"
             logged_and_readable(fresh, address)
             connection.sendall(f"request=smtpd_access_policy\nclient_address={address}\n\n".encode())
             if replies.readline() != b"action=OK\n":
