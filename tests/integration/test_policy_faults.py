@@ -267,7 +267,8 @@ def test_more_idle_connections_than_the_limits_cannot_lock_out_a_legitimate_clie
         assert not any(closed_now(connection) for connection in flood[-200:])
         assert "MaxConnectionsPerPeer=300 connections: closing the connection from 127.0.0.1 idle longest" \
                in policy.output()
-        assert len(log_lines(policy)) - started <= 3, "\n".join(log_lines(policy)[started:])
+        lines = [line for line in log_lines(policy)[started:] if "poplock-reader" not in line]  # none runs here
+        assert len(lines) <= 3, "\n".join(lines)
         for connection in flood:
             connection.close()
 

@@ -51,7 +51,7 @@ class Setup:
     def write(self, window: str = "30min", extra: str = "") -> Path:
         self.config.write_text(
             f"[Grants]\nWindow={window}\nStaticAllowFile={self.static}\n\n"
-            f"[Store]\nPath={self.store}\n\n"
+            f"[Store]\nPath={self.store}\nReaderSocket={self.directory / 'reader.sock'}\n\n"
             f"[Reader]\nCursorPath={self.cursor}\n" + extra
         )
         return self.config
