@@ -186,22 +186,27 @@ def grant_key(address: str, ipv6_prefix: int) -> str:
 class DenyList:
     """Networks and user names that never get a grant ([Grants] DenyFile)."""
 
-    __slots__ = ("networks", "users")
+    __slots__ = ("networks", "users", "broken")
 
-    def __init__(self, networks: list[Network], users: frozenset[str]):
+    def __init__(self, networks: list[Network], users: frozenset[str], broken: str | None = None):
         self.networks = networks
         self.users = users
+        self.broken = broken  # why the list could not be read: then it denies everything
 
     def denies(self, address: str, user: str | None) -> str | None:
-        """Why a grant for `address` opened by `user` is refused ("network N", "user U"), or None."""
+        """Why a grant for `address` opened by `user` is refused ("network N", "its user"), or None.
+
+        The user's name is never part of the reason: it travels in POPLOCK_USER only."""
+        if self.broken is not None:
+            return self.broken
         if user is not None and user in self.users:
-            return f"user {user}"
+            return "its user"
         network = find_network(self.networks, address)
         return f"network {network.text}" if network is not None else None
 
 
 NO_DENIALS = DenyList([], frozenset())
-DENY_EVERYTHING = DenyList([Network(32, 0, 0, "0.0.0.0/0"), Network(128, 0, 0, "::/0")], frozenset())
+DENY_EVERYTHING = DenyList([], frozenset(), broken="a deny list that cannot be read")
 
 
 def parse_deny_list(text: str, path: str) -> DenyList:

@@ -223,17 +223,16 @@ class PolicyHandler:
         if not fresh and needs_fresh_look(decision):
             return None
         self.decisions += 1
+        if attributes.get("policy_context") == HEADER_CONTEXT:  # never the relay action: that was asked before
+            user = grant_user(decision)
+            return self._header(decision) if self.config.policy_header and user is not None else DUNNO
         if decision.allowed:
             self.allowed += 1
             user = grant_user(decision)
-            if self.config.policy_header and attributes.get("policy_context") == HEADER_CONTEXT:
-                return self._header(decision) if user is not None else DUNNO
             log_event(log, logging.INFO, events.RELAY_ALLOWED, "%s (%s)", describe(decision, now),
                       attributes.get("recipient", "?"), address=address, user=user,
                       expires=decision.grant.expires_at if decision.grant and not decision.network else None)
             return self.config.policy_action
-        if self.config.policy_header and attributes.get("policy_context") == HEADER_CONTEXT:
-            return DUNNO
         log_event(log, logging.INFO if self.config.policy_log_refused else logging.DEBUG, events.RELAY_REFUSED,
                   "%s", describe(decision, now), address=address)
         return DUNNO
@@ -257,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(arguments.config, sections=("Grants", "Store", "Policy"))
         load_allow_list(config.static_allow_file)  # a broken list is a configuration error at start
+        load_deny_list(config.deny_file)
         sockets = listening_sockets(arguments.listen)
     except ConfigError as error:
         log_event(log, logging.ERROR, events.CONFIG_INVALID, "%s", error)

@@ -69,7 +69,7 @@ def test_one_password_opens_at_most_max_addresses_per_user_relays_and_the_accoun
     login(dovecot, "alice", "127.0.0.42")
     setup.wait_until_allowed("127.0.0.42")
     login(dovecot, "alice", "127.0.0.43")  # a third address while the first two are live
-    warning = wait_for_entries({"MESSAGE_ID": events.LOGIN_OVER_LIMIT.message_id,
+    warning = wait_for_entries({"MESSAGE_ID": events.LOGIN_OVER_LIMIT.message_id, "_PID": str(reader.process.pid),
                                 "POPLOCK_CLIENT_ADDRESS": "127.0.0.43"}, 1)[0]
     assert warning["POPLOCK_USER"] == "alice"
     assert "127.0.0.41" in warning["MESSAGE"] and "127.0.0.42" in warning["MESSAGE"]
@@ -86,7 +86,7 @@ def test_one_password_opens_at_most_max_addresses_per_user_relays_and_the_accoun
 
     # Every relay that account enabled is in the journal under its name.
     relayed = wait_for_entries({"MESSAGE_ID": events.RELAY_ALLOWED.message_id, "POPLOCK_USER": "alice",
-                                "SYSLOG_IDENTIFIER": "poplock-policy"}, 2)
+                                "_PID": str(policy.process.pid)}, 2)
     assert {entry["POPLOCK_CLIENT_ADDRESS"] for entry in relayed} >= {"127.0.0.41", "127.0.0.42"}
 
     revoked = setup.run("remove", "--user", "alice", check=True)
@@ -105,14 +105,15 @@ def test_the_deny_list_refuses_a_network_and_a_user_whatever_they_log_in_with(si
     setup.wait_until_allowed("127.0.0.46")
     assert not relays(postfix, "127.0.0.44") and not relays(postfix, "127.0.0.45")
     assert "127.0.0.44" not in grants(setup) and "127.0.0.45" not in grants(setup)
-    denied = wait_for_entries({"MESSAGE_ID": events.LOGIN_DENIED.message_id, "POPLOCK_CLIENT_ADDRESS": "127.0.0.45"},
-                              1)[0]
+    denied = wait_for_entries({"MESSAGE_ID": events.LOGIN_DENIED.message_id, "POPLOCK_CLIENT_ADDRESS": "127.0.0.45",
+                               "_PID": str(reader.process.pid)}, 1)[0]
     assert denied["POPLOCK_USER"] == "carol"
     # A line added now takes effect on the next decision, for a grant made before it.
     (setup.directory / "denied").write_text("127.0.0.44\nuser carol\nuser bob\n")
     assert not relays(postfix, "127.0.0.46")
-    assert setup.run("check", "127.0.0.46").stdout.endswith("refused by the deny list (user bob, "
+    assert setup.run("check", "127.0.0.46").stdout.endswith("refused by the deny list (its user, "
                                                             f"{setup.directory / 'denied'})\n")
+    assert "bob" not in denied["MESSAGE"] and "carol" not in denied["MESSAGE"]
 
 
 def test_with_ipv6_prefix_64_a_login_lets_its_whole_network_relay_and_no_other(journald, tmp_path):
