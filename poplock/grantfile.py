@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime
 import json
 
-from poplock.addresses import normalize_address
+from poplock.addresses import normalize_address, parse_network
 from poplock.errors import AddressError
 from poplock.grants import MAX_GRANT_LENGTH, Grant
 from poplock.values import parse_timespan
@@ -98,9 +98,15 @@ def _parse_plain(text: str, now: float, window: float) -> Grant:
 
 
 def _address(value) -> str:
+    """An address, or the IPv6 network key of a grant made with [Grants] IPv6Prefix= ("2001:db8:1::/64")."""
     if not isinstance(value, str):
         raise ValueError(f"expected an address, not {value!r}")
     try:
+        if "/" in value:
+            network = parse_network(value)
+            if network.bits != 128 or not 32 <= network.prefix < 128:
+                raise AddressError(f"{value}: a grant's network is an IPv6 network of /32 to /127")
+            return str(network)
         return normalize_address(value)
     except AddressError as error:
         raise ValueError(str(error)) from None
