@@ -12,17 +12,12 @@ import os
 
 
 def save_cursor(path: str, cursor: str) -> None:
-    """Replace the cursor file atomically and durably (temp file, fsync, rename, fsync dir)."""
+    """Replace the cursor file atomically (temp file, rename). Not synced: the store holds
+    the position durably, and a login's commit must not pay for a second copy's syncs."""
     temporary = f"{path}.new"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
         os.write(fd, cursor.encode("ascii") + b"\n")
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(temporary, path)
-    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

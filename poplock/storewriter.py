@@ -121,6 +121,7 @@ class Grants(MutableMapping):
         self._base = base
         self.changes: dict[str, Grant | None] = {}
         self.cleared = cleared
+        self._length: int | None = None  # len() as last counted; each change forgets it
 
     def _published(self, address: str) -> Grant | None:
         if self.cleared:
@@ -143,14 +144,17 @@ class Grants(MutableMapping):
 
     def __setitem__(self, address: str, grant: Grant) -> None:
         self.changes[address] = grant
+        self._length = None
 
     def __delitem__(self, address: str) -> None:
         self[address]  # KeyError when there is none
         self.changes[address] = None
+        self._length = None
 
     def clear(self) -> None:
         self.changes = {}
         self.cleared = True
+        self._length = None
 
     def __iter__(self):
         for address, _ in self.items():
@@ -196,12 +200,14 @@ class Grants(MutableMapping):
         return [grant for _, grant in self.items()]
 
     def __len__(self) -> int:
-        if self.cleared:
-            return sum(grant is not None for grant in self.changes.values())
-        total = self._state.total
-        for address, grant in self.changes.items():
-            total += (grant is not None) - (self._published(address) is not None)
-        return total
+        if self._length is None:  # each change is looked up in the base: an expiry changes thousands
+            if self.cleared:
+                self._length = sum(grant is not None for grant in self.changes.values())
+            else:
+                self._length = self._state.total + sum(
+                    (grant is not None) - (self._published(address) is not None)
+                    for address, grant in self.changes.items())
+        return self._length
 
 
 class Users:
@@ -598,6 +604,7 @@ class StoreWriter:
             os.close(read_fd)
             status = 1
             try:
+                os.nice(10)  # the logins the parent commits meanwhile come first
                 path = f"{self.directory}/{name}"
                 # Left as NAME.new: only finish_merge, under the lock, gives it its name, so
                 # that no other writer takes it for a base that no top names.
