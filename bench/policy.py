@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Setup, fill_store, percentile
+from common import bench_setup, fill_store, percentile
 from support.poplock import PolicyProcess
 from support.ports import free_port, wait_for_port
 
@@ -108,7 +108,7 @@ def measure(port: int) -> tuple[float, list[float]]:
 
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="poplock-bench-") as scratch:
-        setup = Setup(Path(scratch))
+        setup = bench_setup(Path(scratch))
         fill_store(setup, "10.60")
         port = free_port()
         baseline_server = subprocess.Popen([sys.executable, "-c", BASELINE_SERVER, str(port)])

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Setup, command, fill_store, median
+from common import bench_setup, command, fill_store, median
 
 RUNS = 400
 
@@ -32,7 +32,7 @@ def spawn_times(argv: list[str], environment: dict[str, str]) -> list[float]:
 
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="poplock-bench-") as scratch:
-        setup = Setup(Path(scratch))
+        setup = bench_setup(Path(scratch))
         fill_store(setup, "10.50")
         setup.static.write_text("".join(f"192.168.{index}.0/24\n" for index in range(20)))
         environment = {"PATH": os.environ["PATH"], "REMOTE_ADDR": "10.50.3.7"}
