@@ -247,9 +247,12 @@ class StoreWriter:
     with merge_in_background() once merge_due(), so its commits merge only when they leave
     a top of more than MERGE_NOW_AFTER entries; other writers merge at MERGE_AFTER."""
 
-    def __init__(self, path: str, *, lock_timeout: float = 10.0, background_merges: bool = False):
+    def __init__(self, path: str, *, lock_timeout: float = 10.0, background_merges: bool = False,
+                 defer_directory_sync: bool = False):
         self.path = path
         self.lock_timeout = lock_timeout
+        self.defer_directory_sync = defer_directory_sync  # the caller calls sync_directory() (see there)
+        self._directory_sync_due = False
         self.merge_after = MERGE_NOW_AFTER if background_merges else MERGE_AFTER
         self._published: State | None = None  # what this writer last published
         self._base: Base | None = None
@@ -514,6 +517,17 @@ class StoreWriter:
             _remove_quietly(new_path)
             raise StoreError(f"cannot write the grant store {self.path}: {error.strerror or error} ({step})") from None
         self._published = new
+        self._directory_sync_due = True
+        if not self.defer_directory_sync:
+            self.sync_directory()
+
+    def sync_directory(self) -> None:
+        """Make the last rename durable. A writer that defers it (poplock-reader) first tells the
+        decisions waiting for the journal to be read that the new state is there: it is visible
+        once renamed, and a crash before the sync only brings back a state the journal can mend."""
+        if not self._directory_sync_due:
+            return
+        self._directory_sync_due = False
         try:
             _fsync_directory(self.directory)
         except OSError as error:  # published and visible already: not a failed commit

@@ -32,7 +32,7 @@ def test_a_cursor_file_that_is_a_store_file_stops_every_writer_and_the_store_is_
     setup.write(extra=f"CursorPath={place}\n")
     for result in (setup.run_reader(check=False), setup.run("config"), setup.run("add", "192.0.2.8")):
         assert result.returncode == EX_CONFIG, result
-        assert f"{setup.config}:10: [Reader] CursorPath={place}: " in result.stderr
+        assert f"{setup.config}:11: [Reader] CursorPath={place}: " in result.stderr
         assert "poplock's files must all be different" in result.stderr
     assert setup.store.read_bytes() == before
     assert relaylock(setup, "192.0.2.7").stdout == "ran \n"  # the grant is still there

@@ -81,7 +81,7 @@ def test_a_configuration_error_stops_start_up_with_exit_78_and_the_place(tmp_pat
     setup = Setup(tmp_path, extra="Sorces=dovecot\n")
     result = setup.run_reader(check=False)
     assert result.returncode == 78
-    assert f"{setup.config}:10: [Reader] Sorces: unknown setting (did you mean Sources?)" in result.stderr
+    assert f"{setup.config}:11: [Reader] Sorces: unknown setting (did you mean Sources?)" in result.stderr
 
 
 def test_restarts_between_batches_lose_nothing_and_replay_nothing(tagged):
