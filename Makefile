@@ -25,7 +25,7 @@ CATALOGDIR ?= $(PREFIX)/lib/systemd/catalog
 MANDIR ?= $(PREFIX)/share/man
 
 PROGRAMS = poplock:poplock.cli poplock-reader:poplock.reader poplock-policy:poplock.policy \
-	poplock-logauth:poplock.logauth
+	poplock-logauth:poplock.logauth poplock-socketmap:poplock.socketmap poplock-smtpd-filter:poplock.smtpdfilter
 MODULES = $(wildcard poplock/*.py)
 UNITS = $(wildcard units/*)
 MANPAGES = $(wildcard man/*.[0-9])
@@ -55,6 +55,7 @@ venv: deps
 # (tests/support/popservers.py). Quick when done already; after deps, whose apt-get it would wait for.
 test-servers: deps
 	@PYTHONPATH=tests $(PYTHON) -m support.popservers
+	@PYTHONPATH=tests $(PYTHON) -m support.mtas
 
 # relaylock runs once per SMTP connection: it starts Python isolated and without site
 # (-IS, about 2 ms less), so the script itself says where the poplock package lives.
@@ -80,7 +81,7 @@ install:
 	done
 	@$(call write_relaylock,$(DESTDIR)$(BINDIR)/relaylock,$(PYTHONDIR))
 	for unit in $(UNITS); do \
-		sed -E 's#/usr/bin/(poplock|poplock-reader|poplock-policy|poplock-logauth|relaylock)( |$$)#$(BINDIR)/\1\2#g' \
+		sed -E 's#/usr/bin/(poplock|poplock-reader|poplock-policy|poplock-logauth|poplock-socketmap|relaylock)( |$$)#$(BINDIR)/\1\2#g' \
 			$$unit > $(DESTDIR)$(UNITDIR)/$${unit#units/}; \
 		chmod 644 $(DESTDIR)$(UNITDIR)/$${unit#units/}; \
 	done

@@ -166,6 +166,7 @@ class Connection(asyncio.Protocol):
         self.open = False  # counted in the service's limits
         self.queued: collections.deque = collections.deque()  # replies behind one still to come
         self.watching = None  # the future at the head of `queued` a callback waits for
+        self.closing = False  # close once `queued` is written: the peer half-closed, or sent too much garbage
 
     # asyncio.Protocol
 
@@ -196,10 +197,12 @@ class Connection(asyncio.Protocol):
                     if self.unreadable >= MAX_UNREADABLE:
                         replies.append(answer(request))
                         service.requests += len(replies)
-                        self.transport.write(b"".join(replies))
                         service.warnings.warn("unreadable connection", "closing a connection from %s after %d "
                                               "requests it could not read", self.peer.name, self.unreadable)
-                        self.shut(flush=True)
+                        self.transport.pause_reading()
+                        self.queued.extend(replies)  # some may still be to come
+                        self.closing = True
+                        self.write_queued()
                         return
                 replies.append(answer(request))
             service.requests += len(requests)
@@ -236,11 +239,16 @@ class Connection(asyncio.Protocol):
             self.queued.popleft()
             if self.open:
                 self.transport.write(reply)
+        if self.closing and self.open:
+            self.shut(flush=True)
 
     def eof_received(self):
         if self.decoder.in_request:
             self.service.warnings.warn("closed mid-request", "a connection from %s closed in the middle of a "
                                        "request", self.peer.name)
+        if self.queued and self.open:  # a peer that half-closes after its request (Exim's readsocket)
+            self.closing = True  # still gets the answers to come; write_queued() closes after them
+            return True
         return None  # the transport closes itself
 
     def connection_lost(self, exc) -> None:

@@ -1,0 +1,160 @@
+"""poplock-socketmap: a socketmap server answering "may this client address relay?" from the grant store.
+
+Postfix (a `socketmap:` table), Sendmail (a `socket` map), Exim (`${readsocket}` in an
+ACL) and OpenSMTPD (through poplock-smtpd-filter) ask it with one netstring,
+`NAME ADDRESS`. For a client that may relay now (a live grant or the static allow
+list) the answer is `OK VALUE`, with the VALUE [Socketmap] Maps= gives that map name
+(`poplock:OK` by default: Postfix reads OK as an access(5) action); `NOTFOUND `
+otherwise, and for keys that are not addresses; `TEMP` when the store or the allow
+list cannot be read; `PERM` for a map name it does not serve. Never OK on an error.
+
+It is three parts: poplock.service (sockets from systemd or --listen, connection
+limits, deadlines, rate-limited warnings), the socketmap codec
+(poplock.socketmapprotocol) and the decision (poplock.access.check_relay), which it
+shares with poplock-policy. This module holds the decision's side and main().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+
+from poplock import events
+from poplock.access import check_relay, describe, grant_user, needs_fresh_look
+from poplock.addresses import load_allow_list, load_deny_list
+from poplock.arguments import ArgumentParser
+from poplock.config import Config, load_config
+from poplock.errors import ConfigError, PoplockError, StoreBusyError
+from poplock.logs import log_event, setup_logging
+from poplock.policy import ReaderSync, Snapshots
+from poplock.service import Limits, Service, Warnings, listening_sockets, raise_open_file_limit, serve
+from poplock.socketmapprotocol import NOTFOUND, OK, PERM, TEMP, Request, RequestBuffer, format_reply
+
+log = logging.getLogger("poplock.socketmap")
+
+NOT_FOUND_REPLY = format_reply(NOTFOUND)
+TEMP_REPLY = format_reply(TEMP, "poplock cannot read its grants now")
+PERM_REPLY = format_reply(PERM, "poplock cannot read this request")
+UNKNOWN_MAP_REPLY = format_reply(PERM, "poplock serves no map of that name")
+
+
+class SocketmapHandler:
+    """The socketmap service's side of poplock.service: a codec per connection, an answer per request.
+
+    The decision is poplock-policy's, made the same way on the same files (policy.Snapshots,
+    access.check_relay with the deny list and [Grants] IPv6Prefix), and so is the fresh look:
+    before NOTFOUND for an address a login could turn, poplock-reader is asked to read the
+    journal up to now ([Store] ReaderSocket=, policy.ReaderSync) and the store is read again.
+    """
+
+    def __init__(self, config: Config, warnings: Warnings, clock=time.time):
+        self.config = config
+        self.snapshots = Snapshots(config)
+        self.warnings = warnings
+        self.clock = clock
+        self.decisions = 0
+        self.allowed = 0
+        self.names = frozenset(name.encode() for name, _ in config.socketmap_maps)
+        self._found = {name: format_reply(OK, value) for name, value in config.socketmap_maps}
+        self._refusals_level = logging.INFO if config.socketmap_log_refused else logging.DEBUG
+        self.sync = ReaderSync(config.reader_socket, config.reader_wait, warnings) if (
+            config.reader_socket and config.reader_wait) else None
+
+    def decoder(self) -> RequestBuffer:
+        return RequestBuffer(self.names)
+
+    def answer(self, request: Request):
+        """The reply to one request (bytes, or a future of them while poplock-reader reads):
+        PERM to one that cannot be read (the service logs why)."""
+        if request.problem is not None:
+            return UNKNOWN_MAP_REPLY if request.problem.startswith("unknown map") else PERM_REPLY
+        if request.address is None:  # a host name (Postfix asks for it first), or any other text
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %r is not an address: NOTFOUND", request.name, request.key[:60])
+            return NOT_FOUND_REPLY
+        reply = self.reply_for(request, fresh=self.sync is None)
+        if reply is None:  # a refusal the journal may already contradict: the reader reads first
+            return self.sync.then(lambda: self.reply_for(request, fresh=True))
+        return reply
+
+    def reply_for(self, request: Request, fresh: bool = True) -> bytes | None:
+        """OK VALUE, NOTFOUND or TEMP for a request with an address. Not `fresh`: None instead
+        of a NOTFOUND that a login not read yet could turn (ask the reader first)."""
+        address = request.address
+        now = self.clock()
+        try:
+            decision = check_relay(address, now, self.snapshots.networks(), self.snapshots.grant,
+                                   denials=self.snapshots.denials(), ipv6_prefix=self.config.ipv6_prefix)
+        except (PoplockError, OSError) as error:
+            self._failed(address, error)
+            return TEMP_REPLY
+        if not fresh and needs_fresh_look(decision):
+            return None
+        self.decisions += 1
+        asked = request.key.decode("ascii")  # an address: ASCII
+        if decision.allowed:
+            self.allowed += 1
+            log_event(log, logging.INFO, events.RELAY_ALLOWED, "%s (map %s, asked as %s)", describe(decision, now),
+                      request.name, asked, address=address, user=grant_user(decision),
+                      expires=decision.grant.expires_at if decision.grant and not decision.network else None)
+            return self._found[request.name]
+        log_event(log, self._refusals_level, events.RELAY_REFUSED, "%s (map %s, asked as %s)",
+                  describe(decision, now), request.name, asked, address=address)
+        return NOT_FOUND_REPLY
+
+    def _failed(self, address: str, error: Exception) -> None:
+        if isinstance(error, ConfigError):
+            event = events.CONFIG_INVALID  # the static allow list or the deny list went bad while running
+        elif isinstance(error, StoreBusyError):
+            event = events.STORE_BUSY
+        else:
+            event = events.STORE_FAILED
+        # The same trouble is logged at most once a minute: MTAs ask many times a second.
+        left_out = self.warnings.admit(str(error), logging.ERROR, event.name)
+        if left_out is not None:
+            log_event(log, logging.ERROR, event, "cannot decide for %s, answering TEMP: %s%s", address, error,
+                      self.warnings.suffix(left_out), address=address)
+        self.snapshots.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="poplock-socketmap",
+                            description="socketmap server for Postfix, Sendmail, Exim, OpenSMTPD: may this client "
+                                        "relay?")
+    parser.add_argument("-c", "--config", help="configuration file (default /etc/poplock/poplock.conf)")
+    parser.add_argument("--listen", action="append", default=[], metavar="HOST:PORT|PATH",
+                        help="listen here instead of on sockets passed by systemd (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log every lookup, refusals and keys that are not addresses included")
+    arguments = parser.parse_args(argv)
+    setup_logging("poplock-socketmap", logging.DEBUG if arguments.verbose else logging.INFO)
+    try:
+        config = load_config(arguments.config, sections=("Grants", "Store", "Socketmap"))
+        load_allow_list(config.static_allow_file)  # a broken list is a configuration error at start
+        load_deny_list(config.deny_file)
+        sockets = listening_sockets(arguments.listen)
+    except ConfigError as error:
+        log_event(log, logging.ERROR, events.CONFIG_INVALID, "%s", error)
+        return os.EX_CONFIG
+    except OSError as error:
+        log.error("cannot listen: %s", error)
+        return os.EX_OSERR
+    if not sockets:
+        log.error("no socket to listen on: start me from poplock-socketmap.socket or give --listen")
+        return os.EX_USAGE
+    limits = Limits(config.socketmap_request_timeout, config.socketmap_idle_timeout,
+                    config.socketmap_max_connections, config.socketmap_max_connections_per_peer, section="Socketmap")
+    raise_open_file_limit(limits)
+    warnings = Warnings(log, time.monotonic)
+    handler = SocketmapHandler(config, warnings)
+    maps = ", ".join(f"{name} (OK {value})" for name, value in config.socketmap_maps)
+    asyncio.run(serve(Service(handler, limits, warnings), sockets, f"answering socketmap lookups for {maps}"))
+    log.info("stopping after %d decisions (%d allowed)", handler.decisions, handler.allowed)
+    return os.EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
