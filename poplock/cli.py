@@ -126,9 +126,7 @@ def command_show(config: Config, arguments) -> int:
         first.sort(key=lambda grant: grant.expires_at)
     shown = itertools.chain(first, stream)
     if arguments.json:
-        _write_lines(json.dumps({"kind": "grant", "address": grant.address, "expires": iso_time(grant.expires_at),
-                                 "source": grant.source, "user": grant.user, "login_time": iso_time(grant.login_at),
-                                 "live": grant.is_live(now)}, ensure_ascii=False) for grant in shown)
+        _write_lines(json.dumps(_grant_record(grant, now), ensure_ascii=False) for grant in shown)
         if arguments.user is None:
             _write_lines(json.dumps({"kind": "static", "address": str(network), "file": config.static_allow_file})
                          for network in networks)
@@ -141,7 +139,7 @@ def command_show(config: Config, arguments) -> int:
             (str(network), "never (static)", "static-allowed", "-", "-") for network in networks]
 
         def row(grant) -> tuple:
-            return (grant.address, iso_time(grant.expires_at) + _not_live(grant, now), grant.source,
+            return (grant.address, _expiry(grant) + _not_live(grant, now), grant.source,
                     grant.user or "-", iso_time(grant.login_at))
 
         rows = [row(grant) for grant in first]
@@ -177,8 +175,8 @@ def _show_users(config: Config, arguments, now: float) -> int:
         print("no live grants opened by a user's login")
     else:
         width = max(len("USER"), *(len(user) for user, _ in ranked))
-        _write_lines([f"{'USER'.ljust(width)}  ADDRESSES  LIVE GRANTS"] + [
-            f"{user.ljust(width)}  {len(found):>9}  {' '.join(sorted(found))}" for user, found in ranked])
+        _write_lines([f"{'USER'.ljust(width)}  GRANTS  ADDRESSES"] + [
+            f"{user.ljust(width)}  {len(found):>6}  {' '.join(sorted(found))}" for user, found in ranked])
     return os.EX_OK
 
 
@@ -192,6 +190,38 @@ def _write_lines(lines) -> None:
             chunk = []
     if chunk:
         sys.stdout.write("\n".join(chunk) + "\n")
+
+
+def _grant_record(grant: Grant, now: float) -> dict:
+    """`show --json`'s line for a grant. `sessions`: the open sessions holding it (0: none); a held
+    grant's `expires` is its sessions' bound, `released_expires` when it expires once they end."""
+    record = {"kind": "grant", "address": grant.address, "expires": iso_time(grant.expires_at),
+              "source": grant.source, "user": grant.user, "login_time": iso_time(grant.login_at),
+              "live": grant.is_live(now), "sessions": len(grant.sessions)}
+    if grant.held:
+        record["released_expires"] = iso_time(grant.expires_when_released)
+    return record
+
+
+def _expiry(grant: Grant) -> str:
+    """The EXPIRES cell: the time, or for a grant held open by sessions, how many and their bound."""
+    if not grant.held:
+        return iso_time(grant.expires_at)
+    count = len(grant.sessions)
+    return f"held open by {count} session{'s' if count > 1 else ''}, at most until {iso_time(grant.expires_at)}"
+
+
+def _end_sessions_of(transaction, addresses) -> int:
+    """Take the removed grants' sessions out of the store's session index (sessions.py); their
+    grants, which listed them, are gone already. Returns how many there were."""
+    from poplock.sessions import INDEX_PREFIX
+
+    metadata = transaction.metadata
+    ended = [name for name, value in metadata.items()
+             if name.startswith(INDEX_PREFIX) and (addresses is None or value.partition(" ")[0] in addresses)]
+    for name in ended:
+        del metadata[name]
+    return len(ended)
 
 
 def _not_live(grant: Grant, now: float) -> str:
@@ -275,6 +305,8 @@ def command_remove(config: Config, arguments) -> int:
         grant = transaction.grants.pop(key, None)
         if grant is not None and grant.user is not None:
             _forget(transaction, grant.user, {key})
+        if grant is not None:
+            _end_sessions_of(transaction, {key})
         return grant
 
     removed = change_store(config, withdraw)
@@ -284,7 +316,9 @@ def command_remove(config: Config, arguments) -> int:
     log_event(log, logging.INFO, events.GRANT_REMOVED, "removed the grant for %s", removed.address,
               address=removed.address, source=removed.source, store=config.store_path)
     _warn_unless_journaled()
-    print(f"removed the grant for {removed.address}")
+    sessions = len(removed.sessions)
+    ending = f", ending its {sessions} open session{'s' if sessions > 1 else ''}" if sessions else ""
+    print(f"removed the grant for {removed.address}{ending}")
     return os.EX_OK
 
 
@@ -304,6 +338,7 @@ def _remove_user(config: Config, user: str) -> int:
             del transaction.grants[grant.address]
         if transaction.users.addresses(user):
             transaction.users.set(user, [])
+        _end_sessions_of(transaction, {grant.address for grant in found})
         return found
 
     removed = change_store(config, withdraw)
@@ -323,6 +358,7 @@ def command_flush(config: Config, arguments) -> int:
     def flush(transaction):
         count = len(transaction.grants)
         transaction.grants.clear()
+        _end_sessions_of(transaction, None)
         return count
 
     count = change_store(config, flush)
@@ -351,6 +387,10 @@ def command_import(config: Config, arguments) -> int:
         print(f"poplock: nothing imported: {len(found.problems)} bad lines (--skip-bad imports the others)",
               file=sys.stderr)
         return os.EX_DATAERR
+
+    for grant in found.grants:  # as a login of that client would be stored ([Grants] IPv6Prefix=)
+        if "/" not in grant.address:
+            grant.address = grant_key(grant.address, config.ipv6_prefix)
 
     def load(transaction):
         imported = []
@@ -420,6 +460,11 @@ def command_check(config: Config, arguments) -> int:
         grant = decision.grant
         what = "by hand" if grant.source == "manual" else f"{grant.source} login"
         reason = f"grant until {iso_time(grant.expires_at)} ({what} at {iso_time(grant.login_at)})"
+        if grant.held:
+            count = len(grant.sessions)
+            reason = (f"grant held open by {count} session{'s' if count > 1 else ''} while connected, at most "
+                      f"until {iso_time(grant.expires_at)}, then until {iso_time(grant.expires_when_released)} "
+                      f"or the window after the last one ends ({what} at {iso_time(grant.login_at)})")
     elif decision.grant.is_from_the_future(time.time()):
         reason = (f"its grant's login time {iso_time(decision.grant.login_at)} is in the future "
                   "(was the clock stepped back?); it allows nothing until the client logs in again")

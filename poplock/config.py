@@ -12,7 +12,7 @@ left to poplock.sources and done only for the programs that read the journal.
 """
 
 from poplock.errors import ConfigError
-from poplock.grants import MAX_WINDOW
+from poplock.grants import MAX_GRANT_LENGTH, MAX_WINDOW
 from poplock.inifile import Assignment, read_config_files
 from poplock.values import parse_absolute_path, parse_boolean, parse_list, parse_timespan
 
@@ -56,6 +56,18 @@ def _positive_timespan(text: str) -> float:
     seconds = parse_timespan(text)
     if seconds <= 0:
         raise ValueError("must be longer than 0")
+    return seconds
+
+
+# A session's bound plus the window must fit in the longest grant there can be.
+MAX_SESSION_LENGTH = MAX_GRANT_LENGTH - MAX_WINDOW
+
+
+def _max_session_length(text: str) -> float:
+    seconds = parse_timespan(text)
+    if seconds > MAX_SESSION_LENGTH:
+        raise ValueError(f"must be at most {MAX_SESSION_LENGTH // 86400} days (0: sessions hold no grant open): "
+                         "it bounds how long a connection whose end line was lost keeps its client relaying")
     return seconds
 
 
@@ -142,6 +154,10 @@ SETTINGS = (
     Setting("Grants", "DenyFile", "deny_file", parse_absolute_path, "/etc/poplock/denied",
             "Addresses, networks and `user NAME` lines that never get a grant, whatever they log in with "
             "(a missing file denies nothing)."),
+    Setting("Grants", "MaxSessionLength", "max_session_length", _max_session_length, "12h",
+            "A connection the server logs the end of (an IMAP client staying connected) keeps its grant live "
+            "while it is open, but for at most this long after its login; then, as after its end, the Window "
+            "runs out. 0: sessions hold nothing, a grant lasts the Window after the login."),
     Setting("Grants", "MaxAddressesPerUser", "max_addresses_per_user", _address_count, "10",
             "At most this many addresses may hold live grants opened by one user's logins: a login from one "
             "more grants nothing (a stolen password opens a bounded number of relays); 0 for no limit."),

@@ -46,11 +46,15 @@ LOGIN_UNMATCHED = Event("login-unmatched", "53bd387c620d4c6bac4e1150fb3b0eae",
                         "A watched server logs login lines that no pattern reads")
 STORE_REBUILT = Event("store-rebuilt", "afd5c1a38dcf42c1bb5faa731dce9110",
                       "The grant store was missing or damaged and was rebuilt from the journal")
+GRANT_RELEASED = Event("grant-released", "f3644806fd0b4526a7b8f9b11bda5959",
+                       "The last open session holding a grant ended; the window runs from its end")
+SESSIONS_ENDED = Event("sessions-ended", "cc9f2e6ba90f42ba834ca3f40851047d",
+                       "A server restart ended every open session of its clients")
 READER_STARTED = Event("reader-started", "1b303b18e6784ae4aaba2306d31fb1dc", "The reader started following the journal")
 
 EVENTS = (
     LOGIN_GRANTED, GRANT_EXTENDED, GRANT_ADDED, GRANT_REMOVED, GRANTS_FLUSHED, GRANT_EXPIRED, LOGIN_TOO_OLD,
     LOGIN_DENIED, LOGIN_OVER_LIMIT,
     RELAY_ALLOWED, RELAY_REFUSED, STORE_BUSY, STORE_FAILED, STORE_REBUILT, CURSOR_RESET, CONFIG_INVALID,
-    LOGIN_UNMATCHED, READER_STARTED,
+    LOGIN_UNMATCHED, READER_STARTED, GRANT_RELEASED, SESSIONS_ENDED,
 )

@@ -69,7 +69,9 @@ def _parse_json(text: str, now: float) -> Grant | None:
     if record.get("kind") != "grant":
         raise ValueError(f"expected \"kind\": \"grant\" (as `poplock show --json` prints), not {record.get('kind')!r}")
     address = _address(record.get("address"))
-    expires_at = _time(record.get("expires"), "expires")
+    # A grant held open by sessions lists its sessions' bound as "expires": what it keeps once
+    # they end is "released_expires" (sessions are this host's, and do not move with it).
+    expires_at = _time(record.get("released_expires", record.get("expires")), "expires")
     login_at = _time(record.get("login_time"), "login_time") if "login_time" in record else int(now)
     source = record.get("source", "manual")
     if not isinstance(source, str) or not source or any(character.isspace() for character in source):

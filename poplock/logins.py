@@ -8,16 +8,22 @@ For servers that log the client address and the login on different lines of a
 connection (servers.Correlation), the parser remembers the addresses of connections
 not yet logged in: a bounded map per source, aged by the entries' own timestamps. It
 must therefore see the entries in journal order, one parser for one stream of entries.
+
+For servers whose connection ends are read (servers.Sessions), a login also names its
+connection (Login.session), and the trusted lines that end a connection, or every
+connection of the server (its restart, its unit's start or stop job), are SessionEnd and
+ServerRestart. What they do to grants is sessions.py's.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from poplock.addresses import normalize_address
 from poplock.errors import AddressError
-from poplock.servers import CORRELATE_BY_SESSION
+from poplock.servers import CORRELATE_BY_SESSION, UNIT_JOB_MESSAGE_IDS
 from poplock.sources import TRUSTED, UNTRUSTED, Correlation, Source
 
 
@@ -26,6 +32,30 @@ class Login(NamedTuple):  # a tuple: cheap to make thousands of times while catc
     time: float  # seconds since the epoch
     user: str | None
     source: str
+    session: str | None = None  # the connection's key, when it opens a session (sessions.py)
+    instance: tuple[str, str] | None = None  # (scope, instance) of a per-instance server's line
+
+
+class SessionEnd(NamedTuple):
+    """A trusted line that ends the connection `key` of `source`."""
+
+    source: str
+    key: str
+    time: float
+    instance: tuple[str, str] | None = None
+
+
+class ServerRestart(NamedTuple):
+    """A trusted line that ends every connection of `source`: its start or stop."""
+
+    source: str
+    time: float
+    message: str
+
+
+# What a session key may hold (the servers' session ids, pids, addresses, ports, identifiers):
+# nothing that separates the sessions in a grant's value (grants.py) or the store's keys.
+_SESSION_KEY = re.compile(r"[A-Za-z0-9+/=:._-]{1,200}")
 
 
 # Why LoginParser.examine() reports an entry.
@@ -58,9 +88,15 @@ class LoginParser:
     every entry, whoever sent it (for checking patterns, never for granting).
     """
 
-    def __init__(self, sources: Iterable[Source], *, check_trust: bool = True):
+    def __init__(self, sources: Iterable[Source], *, check_trust: bool = True, sessions: bool = False):
+        """`sessions`: also read connection ends, and name each login's connection (poplock-reader,
+        unless [Grants] MaxSessionLength=0); without, logins only (`poplock scan`)."""
         self.sources = tuple(sources)
         self.check_trust = check_trust
+        self.sessions = sessions
+        # Sources whose units' start and stop jobs end their sessions.
+        self._unit_sources = tuple(source for source in self.sources if sessions and source.sessions is not None
+                                   and source.units)
         self._connections = {source.name: Connections(source.correlation)
                              for source in self.sources if source.correlation is not None}
         # Per source, its patterns with whether each gives the address itself: worked out
@@ -70,9 +106,15 @@ class LoginParser:
 
     def parse(self, entry: Mapping[str, str]) -> Login | None:
         """The successful login the entry records, or None."""
+        found = self._read(entry, False)
+        return found if isinstance(found, Login) else None
+
+    def read(self, entry: Mapping[str, str]) -> Login | SessionEnd | ServerRestart | None:
+        """The login, or (with `sessions`) the end of a connection or of every connection, that the
+        entry records."""
         return self._read(entry, False)
 
-    def examine(self, entry: Mapping[str, str]) -> Login | Unmatched | None:
+    def examine(self, entry: Mapping[str, str]) -> Login | SessionEnd | ServerRestart | Unmatched | None:
         """As parse(), but a trusted entry that should have been a login and was not read as
         one is an Unmatched: its source's Hint matched and no pattern of any source read it
         (UNREAD: the format drifted), or it is a correlated login line whose connection gave
@@ -113,14 +155,57 @@ class LoginParser:
                     if address is None:
                         addressless = addressless or source
                         break
+                if self.sessions and source.sessions is not None and (
+                        not source.sessions.ends_need_unit or source.trusted_by_unit(entry)):
+                    instance = _instance(source, entry)
+                    key = _session_key(source, match, entry, instance)
+                    if key is not None:
+                        return Login(address, entry_time(entry), match.groupdict().get("user"), source.name,
+                                     key, instance)
                 return Login(address, entry_time(entry), match.groupdict().get("user"), source.name)
             if not source_read and source.correlation is not None:
                 read = self._note_connection(source, source.correlation, message, entry) or read
+            if not source_read and self.sessions and source.sessions is not None:
+                ended = self._session_line(source, source.sessions, message, entry)
+                if ended is not None:
+                    return ended
+        if not read and self._unit_sources and entry.get("_PID") == "1":
+            return self._unit_job(entry, message)
         if not hints:
             return None
         if addressless is not None:
             return Unmatched(addressless.name, message, entry_time(entry), NO_ADDRESS)
         return None if read else self._unmatched(message, entry)
+
+    def _session_line(self, source: Source, sessions, message: str, entry: Mapping[str, str]):
+        """The SessionEnd or ServerRestart a fully trusted line of the source records, or None."""
+        for pattern in sessions.ends:
+            match = pattern.fullmatch(message)
+            if match is None:
+                continue
+            if self._trust_level(source, entry) != TRUSTED:
+                return None
+            instance = _instance(source, entry)
+            key = _session_key(source, match, entry, instance)
+            return SessionEnd(source.name, key, entry_time(entry), instance) if key is not None else None
+        for pattern in sessions.restarts:
+            if pattern.fullmatch(message) is not None:
+                if self._trust_level(source, entry) != TRUSTED:
+                    return None
+                return ServerRestart(source.name, entry_time(entry), message)
+        return None
+
+    def _unit_job(self, entry: Mapping[str, str], message: str) -> ServerRestart | None:
+        """PID 1's entry about a job of a source's unit (started, stopped, failed): only PID 1
+        has _PID=1, and it logs over the native protocol as root."""
+        if entry.get("_UID") != "0" or entry.get("_TRANSPORT") != "journal" or \
+                entry.get("MESSAGE_ID") not in UNIT_JOB_MESSAGE_IDS:
+            return None
+        unit = entry.get("UNIT")
+        for source in self._unit_sources:
+            if unit in source.units:
+                return ServerRestart(source.name, entry_time(entry), message)
+        return None
 
     def _trust_level(self, source: Source, entry: Mapping[str, str]) -> int:
         return source.trust_level(entry) if self.check_trust else TRUSTED
@@ -174,6 +259,32 @@ class LoginParser:
         """How many connections of a correlated source wait for their login (for tests and STATUS)."""
         connections = self._connections.get(source)
         return len(connections) if connections is not None else 0
+
+
+def _instance(source: Source, entry: Mapping[str, str]) -> tuple[str, str] | None:
+    """(scope, instance) of a per-instance server's line: its identifier, and the boot and pid of
+    the process that logs for it."""
+    if source.sessions is None or not source.sessions.per_instance:
+        return None
+    identifier, boot, pid = entry.get("SYSLOG_IDENTIFIER"), entry.get("_BOOT_ID"), entry.get("_PID")
+    if not identifier or not boot or not pid:
+        return None
+    return f"{source.name}:{identifier}", f"{boot[:12]}/{pid}"
+
+
+def _session_key(source: Source, match, entry: Mapping[str, str], instance: tuple[str, str] | None) -> str | None:
+    """SOURCE:PART/PART...: the connection's key, from the line's groups or the journal's fields."""
+    parts = [instance[0].partition(":")[2], instance[1]] if instance is not None else []
+    if source.sessions.per_instance and instance is None:
+        return None
+    groups = match.re.groupindex
+    for name in source.sessions.key:
+        value = match[name] if name in groups else entry.get(name)
+        if not value:
+            return None
+        parts.append(value[:12] if name == "_BOOT_ID" else value)
+    key = f"{source.name}:{'/'.join(parts)}"
+    return key if _SESSION_KEY.fullmatch(key) else None
 
 
 def _key(correlation: Correlation, match, entry: Mapping[str, str]):

@@ -6,7 +6,9 @@ them, in one store snapshot; the cursor file is written right after, as a second
 copy. So a restart, kill -9, rotation or vacuum neither loses a login (the cursor
 never passes an entry whose grant is not committed) nor replays one (a committed
 cursor always covers exactly the committed grants). A login read after its window has
-passed (catch-up after downtime) grants nothing.
+passed (catch-up after downtime) grants nothing, unless it opened a session that the
+journal has not ended since (sessions.py): open sessions are committed with the cursor
+too, in the grants they hold and the store's metadata.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ from collections.abc import Callable
 from poplock import events
 from poplock.addresses import DENY_EVERYTHING, NO_DENIALS, DenyList, grant_key, load_deny_list
 from poplock.arguments import ArgumentParser
-from poplock.changes import Change, apply_change, parse_change
+from poplock.changes import ADD, Change, apply_change, parse_change
 from poplock.config import Config, load_config
 from poplock.cursor import save_cursor
 from poplock.errors import ConfigError, JournalError, StoreBusyError, StoreCorruptError, StoreError
 from poplock.follow import JournalFollower, Position
 from poplock.grants import MAX_GRANT_LENGTH, Grant, grant_for_login, merge_grant
-from poplock.logins import NO_ADDRESS, Drift, Login, LoginParser, Unmatched, UnmatchedLogins
+from poplock.logins import NO_ADDRESS, Drift, Login, LoginParser, ServerRestart, SessionEnd, Unmatched, UnmatchedLogins
 from poplock.logs import held_lines, iso_time, log_event, setup_logging
+from poplock.sessions import Bounds, close_session, end_sessions, note_instance, open_session, sweep_sessions
 from poplock.sources import Source, build_sources
 from poplock.store import lookup_metadata, salvage_snapshot
 from poplock.storewriter import StoreWriter, store_writers
@@ -42,6 +45,7 @@ log = logging.getLogger("poplock.reader")
 BATCH = 50_000
 RETRY_PAUSES = (1, 2, 5, 10, 30)  # seconds between attempts while the store cannot be written
 STATUS_INTERVAL = 1.0  # seconds: STATUS= is for people, no need to send it on every login
+SESSION_SWEEP_INTERVAL = 60.0  # seconds between tidying the sessions past their bound (they hold nothing)
 
 
 def _notify(message: str) -> None:
@@ -66,7 +70,9 @@ class Reader:
                  change_uids: frozenset[int] | None = None):
         self.config = config
         self.sources = sources
-        self.parser = LoginParser(sources)
+        self.parser = LoginParser(sources, sessions=config.max_session_length > 0)
+        self._next_sweep = 0.0  # when sessions past their bound are next tidied (clock time)
+        self._quiet_before = 0.0  # logins older than this were read only for their sessions (_start_over)
         self.unmatched = UnmatchedLogins(grace=config.unmatched_warning_after)
         self.follower = follower
         self.writer = writer
@@ -153,6 +159,9 @@ class Reader:
         """
         now = self.clock()
         window_start = now - self.config.window
+        # A session opened before the window may still hold its grant: read back to its bound.
+        start = window_start - (self.config.max_session_length if self.parser.sessions and any(
+            source.sessions is not None for source in self.sources) else 0)
         initial: dict[str, Grant] = {}
         self._check_journal_readable()
         earliest = self.follower.earliest_time()
@@ -162,6 +171,8 @@ class Reader:
                         "; keeping the grants still readable from the old store that are older" if salvage else "")
         if salvage:  # what the journal cannot account for, kept from the damaged store
             for address, grant in salvage_snapshot(self.config.store_path).grants.items():
+                if grant.held:  # whether its sessions ended, the lost journal would have said: not held
+                    grant = Grant(address, grant.expires_when_released, grant.login_at, grant.source, grant.user)
                 if grant.is_live(now) and (earliest is None or grant.login_at < earliest):
                     initial[address] = grant
         if manual_history:  # `poplock add --for` may outlast the window: replay older changes too
@@ -169,7 +180,7 @@ class Reader:
             try:
                 history.seek(None, now - MAX_GRANT_LENGTH)
                 for entry in history.read(None):
-                    if int(entry["__REALTIME_TIMESTAMP"]) >= window_start * 1e6:
+                    if int(entry["__REALTIME_TIMESTAMP"]) >= start * 1e6:
                         break  # the follower reads the rest, in order with the logins
                     change = parse_change(entry, self.config.store_path, self.change_uids, self.machine_id)
                     if change is not None:
@@ -179,7 +190,11 @@ class Reader:
         self._initial = initial
         self._replace = replace
         self.cursor = None
-        self.follower.seek(None, window_start)
+        if start < window_start:
+            log.info("reading the journal from %s: a session opened before the window may still hold its grant "
+                     "([Grants] MaxSessionLength=)", iso_time(start))
+            self._quiet_before = window_start
+        self.follower.seek(None, start)
 
     def _check_journal_readable(self) -> None:
         if not self.follower.readable():
@@ -231,6 +246,8 @@ class Reader:
                 if isinstance(found, Login):
                     items.append((found, entry.get("_SYSTEMD_UNIT")))
                     self.unmatched.login(found)
+                elif isinstance(found, (SessionEnd, ServerRestart)):
+                    items.append(found)
                 elif isinstance(found, Unmatched):
                     drift = self.unmatched.add(found)
                     if drift is not None:
@@ -253,7 +270,9 @@ class Reader:
     def _commit(self, items: list, cursor: str | None) -> None:
         now = self.clock()
         window = self.config.window
+        bounds = Bounds(window, self.config.max_session_length)
         changes = []
+        ended = []  # (what ended sessions, how many, the grants released), reported once committed
         rebuilt = self._initial is not None
         replaced = self._replace
         with self.writer.transaction(replace=self._replace, keep_damaged=self._keep_damaged) as transaction:
@@ -265,16 +284,44 @@ class Reader:
                 raise CursorMoved(transaction.metadata.get(self._cursor_key))
             if cursor is not None:
                 transaction.metadata[self._cursor_key] = cursor
+            metadata = transaction.metadata
             for item in items:
                 if isinstance(item, Change):
-                    if apply_change(grants, item, now):
+                    if self._replay(grants, item, now):
                         log.debug("replayed from the journal: %s %s", item.kind, item.address or "every grant")
                     continue
-                login, unit = item
-                if login.time + window <= now:
-                    changes.append(("too-old", None, login, unit))
+                if isinstance(item, SessionEnd):
+                    if item.instance is not None:
+                        self._note_instance(grants, metadata, item.instance, item.source, min(item.time, now),
+                                            bounds, ended)
+                    released = close_session(grants, metadata, item.key, min(item.time, now), bounds)
+                    if released is not None:
+                        ended.append(("ended", item.source, 1, [released]))
                     continue
-                changes.append((*self._grant(transaction, login, now), login, unit))
+                if isinstance(item, ServerRestart):
+                    count, released = end_sessions(grants, metadata, item.source + ":", min(item.time, now), bounds)
+                    if count:
+                        ended.append(("restart", item.source, count, released))
+                    continue
+                login, unit = item
+                if login.instance is not None:
+                    self._note_instance(grants, metadata, login.instance, login.source, min(login.time, now),
+                                        bounds, ended)
+                opens = login.session is not None and bounds.max_session_length > 0
+                if login.time + window <= now and not (opens and bounds.held_until(int(login.time)) > now):
+                    if login.time >= self._quiet_before:  # else read back only for its session: no news
+                        changes.append(("too-old", None, login, unit))
+                    continue
+                kind, detail = self._grant(transaction, login, now)
+                if opens and isinstance(detail, Grant):
+                    detail = open_session(grants, metadata, detail.address, login.session, min(login.time, now),
+                                          bounds) or detail
+                changes.append((kind, detail, login, unit))
+            if now >= self._next_sweep:
+                released = sweep_sessions(grants, metadata, now, bounds)
+                if released:
+                    ended.append(("bound", None, len(released), released))
+                self._next_sweep = now + SESSION_SWEEP_INTERVAL
             self.grant_count = len(transaction.grants)
         self._initial = None
         self._replace = self._keep_damaged = False
@@ -290,6 +337,40 @@ class Reader:
         with held_lines():
             for kind, detail, login, unit in changes:  # reported once committed
                 self._report(kind, login, unit, detail)
+            for why, source, count, released in ended:
+                self._report_sessions(why, source, count, released)
+
+    @staticmethod
+    def _replay(grants, change: Change, now: float) -> bool:
+        """apply_change(), keeping the sessions that hold a grant open through a manual grant."""
+        held = grants.get(change.address) if change.address is not None else None
+        if held is None or not held.held or change.kind != ADD:
+            return apply_change(grants, change, now)
+        plain = {change.address: Grant(held.address, held.expires_when_released, held.login_at, held.source,
+                                       held.user)}
+        if not apply_change(plain, change, now):
+            return False
+        grants[change.address] = merge_grant(held, plain[change.address], now)
+        return True
+
+    @staticmethod
+    def _note_instance(grants, metadata, instance, source: str, at: float, bounds: Bounds, ended: list) -> None:
+        count, released = note_instance(grants, metadata, instance, at, bounds)
+        if count:
+            ended.append(("instance", source, count, released))
+
+    def _report_sessions(self, why: str, source: str | None, count: int, released: list[Grant]) -> None:
+        """One line per grant whose last session ended, and one for a restart that ended sessions."""
+        if why in ("restart", "instance"):
+            log_event(log, logging.INFO, events.SESSIONS_ENDED, "%s %s: %d open sessions ended, %d grants released",
+                      source, "restarted" if why == "restart" else "logs from a new process (restarted)", count,
+                      len(released), source=source)
+        for grant in released:
+            because = {"ended": "its last session ended", "bound": "its sessions reached [Grants] MaxSessionLength=",
+                       "restart": f"{source} restarted", "instance": f"{source} restarted"}[why]
+            log_event(log, logging.INFO if why in ("ended", "bound") else logging.DEBUG, events.GRANT_RELEASED,
+                      "released %s: %s; it relays until %s", grant.address, because, iso_time(grant.expires_at),
+                      address=grant.address, source=grant.source, expires=grant.expires_at, user=grant.user)
 
     def _grant(self, transaction, login: Login, now: float) -> tuple[str, object]:
         """What one login does to the store: ("granted" | "extended" | "unchanged", the grant),
@@ -331,6 +412,13 @@ class Reader:
             identity = (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
         except FileNotFoundError:
             identity = None
+        except OSError as error:  # cannot even look at it: deny, as for a list that cannot be read
+            if self._denials is not DENY_EVERYTHING:
+                log_event(log, logging.ERROR, events.CONFIG_INVALID, "%s: cannot read: %s; granting nothing until "
+                          "it is fixed", self.config.deny_file, error.strerror)
+            self._denials = DENY_EVERYTHING
+            self._denials_identity = "unreadable"
+            return self._denials
         if identity != self._denials_identity:
             try:
                 self._denials = load_deny_list(self.config.deny_file) if identity else NO_DENIALS
@@ -342,8 +430,9 @@ class Reader:
 
     def _report(self, kind: str, login: Login, unit: str | None, grant) -> None:
         if kind == "denied":
-            log_event(log, logging.INFO, events.LOGIN_DENIED, "login from %s denied by %s (%s); no grant",
-                      login.address, grant, self.config.deny_file, address=login.address, source=login.source,
+            log_event(log, logging.INFO, events.LOGIN_DENIED,
+                      "login from %s refused by the deny list: %s (%s); no grant", login.address, grant,
+                      self.config.deny_file, address=login.address, source=login.source,
                       unit=unit, user=login.user)
             return
         if kind == "over-limit":
@@ -360,10 +449,12 @@ class Reader:
         self.last_login = login
         event = events.LOGIN_GRANTED if kind == "granted" else events.GRANT_EXTENDED
         shown = grant.address if grant.address == login.address else f"{grant.address} ({login.address})"
-        log_event(log, logging.INFO, event, "%s %s until %s (%s login)",
+        held = f", held open by {len(grant.sessions)} session{'s' if len(grant.sessions) > 1 else ''}" \
+            if grant.held else ""
+        log_event(log, logging.INFO, event, "%s %s until %s (%s login%s)",
                   "granted" if kind == "granted" else "extended", shown, iso_time(grant.expires_at),
-                  login.source, address=grant.address, source=login.source, unit=unit, expires=grant.expires_at,
-                  user=login.user)
+                  login.source, held, address=grant.address, source=login.source, unit=unit,
+                  expires=grant.expires_at, user=login.user)
         log.debug("login by user %r from %s", login.user, login.address)
 
     def _warn_over_limit(self, login: Login, others: list[str], unit: str | None) -> None:
@@ -530,9 +621,10 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
         try:
             reader.process_available()
             attempt = 0
-            if waiting:
+            if waiting:  # before the directory sync: the new state is visible once renamed
                 sync.answer(waiting, b"ok\n")
                 waiting = []
+            writer.sync_directory()
         except (StoreError, JournalError, OSError) as error:  # store, cursor file or journal trouble
             if waiting:
                 sync.answer(waiting, b"error\n")  # they decide from the store as it is
@@ -590,7 +682,8 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
 
 def journal_matches(config: Config, sources: list[Source]) -> list[str]:
     """What the reader reads: the sources' entries and the administrative changes to its store."""
-    return [match for source in sources for match in source.journal_matches()] + [
+    return [match for source in sources for match in source.journal_matches() + (
+        source.session_matches() if config.max_session_length else [])] + [
         f"POPLOCK_STORE={config.store_path}"]
 
 
@@ -625,7 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         log.error("cannot open the journal: %s", error)
         return os.EX_NOINPUT
-    reader = Reader(config, sources, follower, StoreWriter(config.store_path, background_merges=not arguments.once))
+    writer = StoreWriter(config.store_path, background_merges=not arguments.once,
+                         defer_directory_sync=not arguments.once)
+    reader = Reader(config, sources, follower, writer)
     try:
         return run(reader, follower, once=arguments.once)
     except JournalError as error:

@@ -62,6 +62,19 @@ login takes the address, so one connection grants once. Per server:
 
 Everything in the map is lost when the reader restarts: a login whose address line came
 before the saved journal position grants nothing (the client's next login does).
+
+Sessions (see Sessions and sessions.py): servers that log the end of a connection let a
+grant stay live while its client is still connected (IMAP IDLE, cached connections) and
+for the window after. A connection is known by what the server logs in both its login
+line and its end line (Dovecot: the mail process id and session=<...>; Courier: the
+client's address and port, per courierlogger; Cyrus and mailutils: the process that
+serves it), never by the user name. As for logins, the user name sits where the server's
+fixed structure around it decides what it is, so the key read is the server's own: the key
+comes from journald's own fields (_PID), or a line holding a second key matches nothing
+(Dovecot), or the name is taken greedily and only the server's counters may follow the key
+(Courier).
+Only trusted lines open or end sessions; a line that ends a connection nobody trusted
+opened does nothing.
 """
 
 from dataclasses import dataclass
@@ -80,6 +93,9 @@ _TCPD_CONNECT = (
 )
 # Services that inetd starts run in its unit under systemd (openbsd-inetd.service is an alias).
 _INETD_UNITS = ("inetd.service", "xinetd.service")
+
+# Text holding no `)<PID><SESSION>: `, the key Dovecot's mail processes start their lines with.
+_NO_DOVECOT_KEY = r"(?:(?!\)<[0-9]+><[A-Za-z0-9+/=]*>: ).)*"
 
 CORRELATE_BY_PID = "pid"
 CORRELATE_BY_SESSION = "session"
@@ -102,6 +118,39 @@ class Correlation:
 
 
 @dataclass(frozen=True)
+class Sessions:
+    """How a server's connections are told apart in its lines, and which lines end them."""
+
+    # The parts of a connection's key, each the login (or end) line's named group of that name,
+    # else the journal field of that name (_PID and _BOOT_ID, which journald sets itself).
+    key: tuple[str, ...]
+    # Trusted lines that end one connection, giving the same key parts (re.fullmatch).
+    ends: tuple[str, ...]
+    # Trusted lines that end every connection of the server: its own start and stop lines.
+    # (Its systemd units' start and stop jobs, logged by PID 1, do too: see logins.py.)
+    restarts: tuple[str, ...] = ()
+    # The lines come through one logging process per SYSLOG_IDENTIFIER (courierlogger) that
+    # lives as long as the server: a line from another process of that identifier means the
+    # server was started again, which ends the connections the old one logged.
+    per_instance: bool = False
+    # The end lines are written as the mail user, which only a systemd unit makes evidence:
+    # sessions are then opened only by logins that their unit makes trusted.
+    ends_need_unit: bool = False
+
+
+# What PID 1 logs for a unit's jobs (sd-messages.h): starting, stopping, stopped, failed,
+# and finished. A login source's unit doing any of these ends its sessions. Not "started":
+# a client may already have logged in by then.
+UNIT_JOB_MESSAGE_IDS = frozenset({
+    "7d4958e842da4a758f6c1cdc7b36dcc5",  # SD_MESSAGE_UNIT_STARTING
+    "de5b426a63be47a7b6ac3eaac82e2f6f",  # SD_MESSAGE_UNIT_STOPPING
+    "9d1aaa27d60140bd96365438aad20286",  # SD_MESSAGE_UNIT_STOPPED
+    "be02cf6855d2428ba40df7e9d022f03d",  # SD_MESSAGE_UNIT_FAILED
+    "7ad2d189f7e94e70a38c781354912448",  # SD_MESSAGE_UNIT_SUCCESS (deactivated)
+})
+
+
+@dataclass(frozen=True)
 class Server:
     name: str
     description: str
@@ -116,6 +165,9 @@ class Server:
     correlation: Correlation | None = None
     # Uids the login line may carry when the server writes it as the mail user (see above).
     login_users: tuple[str, ...] = ()
+    # How its connections' ends are read; None: it logs none that can be used, so a grant
+    # lasts the window after the login, whatever the client does after it.
+    sessions: Sessions | None = None
 
 
 DOVECOT = Server(
@@ -128,11 +180,30 @@ DOVECOT = Server(
     patterns=(
         r"(?:pop3|imap)-login: (?:Info: )?(?:Login|Logged in): user=<(?P<user>.*)>, "
         r"method=[A-Za-z0-9_-]+, rip=(?P<address>" + _ADDRESS + r"), lip=" + _ADDRESS
-        + r"(?:, mpid=[0-9]+)?(?:, (?:TLS|secured))?"
+        + r"(?:, mpid=(?P<mpid>[0-9]+))?(?:, (?:TLS|secured))?"
         r"(?:, TLSv[0-9.]+ with cipher [A-Za-z0-9_-]+ \([0-9]+/[0-9]+ bits\))?"
-        r"(?:, session=<[A-Za-z0-9+/=]*>)?",
+        r"(?:, session=<(?P<session>[A-Za-z0-9+/=]*)>)?",
     ),
     hint=r"^(?:pop3|imap)-login: (?:Info: )?(?:Login|Logged in): ",
+    # The login process hands the connection to a mail process (mpid=) and logs Login: only
+    # then; the mail process ends every line with its default mail_log_prefix,
+    # `imap(USER)<PID><SESSION>: `, and logs `Disconnected: ...` (2.3) or `Logged out ...`
+    # (2.4) when the connection ends, however it ends. The login process's own Disconnected
+    # lines are of connections that never logged in, so they end nothing.
+    sessions=Sessions(
+        key=("mpid", "session"),
+        ends=(
+            # The key must be the only `)<PID><SESSION>: ` of the line: a user name, or a reason
+            # after the key, that holds another one makes the line match nothing (that connection
+            # then ends by its bound or a restart), so neither can name another connection.
+            r"(?:pop3|imap)\((?P<user>" + _NO_DOVECOT_KEY + r")\)<(?P<mpid>[0-9]+)><(?P<session>[A-Za-z0-9+/=]+)>: "
+            r"(?:Info: )?(?:Disconnected|Logged out|Connection closed)\b" + _NO_DOVECOT_KEY,
+        ),
+        restarts=(
+            r"master: (?:Info: )?Dovecot v[0-9][^\s<>]* (?:\([0-9a-f]+\) )?starting up\b[^<>]*",
+            r"master: (?:Warning: )?Killed with signal [0-9]+\b[^<>]*",
+        ),
+    ),
 )
 
 COURIER = Server(
@@ -148,9 +219,20 @@ COURIER = Server(
         # A name such as `x, ip=[203.0.113.11]` comes first; the address is the last ip=[...],
         # which only port= and protocol= may follow. Older Courier wrote no port.
         r"LOGIN, user=(?P<user>.*), ip=\[(?P<address>" + _ADDRESS + r")\]"
-        r"(?:, port=\[[0-9]+\])?(?:, protocol=IMAP)?",
+        r"(?:, port=\[(?P<port>[0-9]+)\])?(?:, protocol=IMAP)?",
     ),
     hint=r"^LOGIN, ",
+    # A connection is its client's address and port, per courierlogger (one per service,
+    # living as long as it); LOGOUT, TIMEOUT and DISCONNECTED end it, with counters only after
+    # the port, so the ip=[...], port=[...] read are the last ones, the server's own.
+    sessions=Sessions(
+        key=("address", "port"),
+        ends=(
+            r"(?:LOGOUT|TIMEOUT|DISCONNECTED), user=(?P<user>.*), ip=\[(?P<address>" + _ADDRESS + r")\], "
+            r"port=\[(?P<port>[0-9]+)\](?:, [a-z]+=[0-9]+)*",
+        ),
+        per_instance=True,
+    ),
 )
 
 CYRUS = Server(
@@ -158,7 +240,8 @@ CYRUS = Server(
     description="Cyrus IMAP pop3d and imapd (under master)",
     # Debian's imapd.conf sets syslog_prefix: cyrus, so lines come as cyrus/<service> for the
     # services its cyrus.conf defines; without the prefix, as the bare service name.
-    identifiers=("cyrus/pop3", "cyrus/pop3s", "cyrus/imap", "cyrus/imaps", "pop3", "pop3s", "imap", "imaps"),
+    identifiers=("cyrus/pop3", "cyrus/pop3s", "cyrus/imap", "cyrus/imaps", "pop3", "pop3s", "imap", "imaps",
+                 "cyrus/master"),
     units=("cyrus-imapd.service",),
     # master drops root for the cyrus user before starting pop3d and imapd.
     users=("cyrus",),
@@ -169,6 +252,19 @@ CYRUS = Server(
         r"(?: SESSIONID=<[^<>\s]*>)?",
     ),
     hint=r"^login: ",
+    # master hands one connection at a time to a process (which may serve the next one after
+    # it): a connection is the process that logged its login, until that process logs its
+    # USAGE line (the connection's end) or shuts down, or master reports it dead.
+    sessions=Sessions(
+        key=("_BOOT_ID", "_PID"),
+        ends=(
+            r"USAGE (?P<user>.*) user: [0-9.]+ sys: [0-9.]+",
+            r"graceful shutdown\b.*",
+            r"process type:SERVICE name:[^\s]+ path:[^\s]+ age:[0-9.]+s pid:(?P<_PID>[0-9]+) "
+            r"(?:signaled to death|exited)\b.*",
+        ),
+        restarts=(r"attempting clean shutdown on signal", r"All children have exited, closing down"),
+    ),
 )
 
 MAILUTILS = Server(
@@ -184,6 +280,16 @@ MAILUTILS = Server(
         r"(?P<session>[0-9A-Za-z]+) user `(?P<user>.*)' logged in \(source: [^\s()]+\)",
     ),
     hint=r"^[0-9A-Za-z]+ (?:POP3 login: user `|user `.*' logged in \(source: )",
+    # One child process per connection, which logs the login; the listener (root) logs
+    # `process PID finished with code ...` when it is gone, the child `session ended`
+    # (pop3d) or `session terminating` (imap4d) as the mail user.
+    sessions=Sessions(
+        key=("_BOOT_ID", "_PID"),
+        ends=(
+            r"process (?P<_PID>[0-9]+) finished with code [0-9]+ \([^()]*\)",
+            r"[0-9A-Za-z]+ session (?:ended|terminating) for user: .*",
+        ),
+    ),
     correlation=Correlation(
         key=CORRELATE_BY_SESSION,
         connections=(
@@ -228,6 +334,13 @@ SOLID_POP3D = Server(
         r"user (?P<user>.+) authenticated(?: through APOP)? - " + _HOST + r" \((?P<address>" + _ADDRESS + r")\)",
     ),
     hint=r"^user .+ authenticated\b",
+    # One process per connection (inetd); it logs `session ended for user NAME - ADDRESS` as
+    # the mail user, so its sessions are read under systemd only.
+    sessions=Sessions(
+        key=("_BOOT_ID", "_PID"),
+        ends=(r"session ended for user .+ - (?:" + _HOST + r" \()?" + _ADDRESS + r"\)?",),
+        ends_need_unit=True,
+    ),
     # Only for lines trusted by LoginUsers: their address must be the one tcpd and
     # solid-pop3d logged as root for the same process.
     correlation=Correlation(

@@ -13,6 +13,11 @@ line of the same connection (servers.py explains why). Units may hold glob patte
 (`popa3d@*.service`, for per-connection units); those only decide trust, and the
 journal is searched for them by identifier.
 
+The same rule decides which entries open and end sessions (servers.Sessions): only a
+fully trusted line ends one, and for servers whose end lines are written as the mail
+user a session is opened only by a login its unit vouches for. The start and stop jobs
+of a source's units count when PID 1 logged them (_PID=1, which no other process has).
+
 SYSLOG_IDENTIFIER, which any local user can set (`logger -t dovecot`), only selects
 candidate entries. _COMM and _EXE are not evidence: journald reads them from /proc when
 the entry arrives, and they were seen stale (a server just exec'ed by tcpd logged as
@@ -49,6 +54,17 @@ class Correlation:
 
 
 @dataclass(frozen=True)
+class Sessions:
+    """A Sessions (servers.py) with its patterns compiled."""
+
+    key: tuple[str, ...]
+    ends: tuple[re.Pattern, ...]
+    restarts: tuple[re.Pattern, ...]
+    per_instance: bool
+    ends_need_unit: bool
+
+
+@dataclass(frozen=True)
 class Source:
     name: str
     identifiers: tuple[str, ...]
@@ -60,6 +76,7 @@ class Source:
     correlation: Correlation | None = None
     # Built-in default user names that do not exist on this machine (the source is not watched).
     unresolved_users: tuple[str, ...] = ()
+    sessions: Sessions | None = None
 
     def admits(self, entry: Mapping[str, str]) -> bool:
         """The entry is one of this source's candidates (by identifier or unit) and is trusted."""
@@ -86,6 +103,10 @@ class Source:
             return TRUSTED
         return LOGIN_ONLY if int(uid) in self.login_uids else UNTRUSTED
 
+    def trusted_by_unit(self, entry: Mapping[str, str]) -> bool:
+        """The entry's own unit is one of the source's: evidence for lines any uid may write."""
+        return bool(self.units) and self._lists_unit(entry.get("_SYSTEMD_UNIT"))
+
     def _lists_unit(self, unit: str | None) -> bool:
         if unit is None:
             return False
@@ -97,6 +118,12 @@ class Source:
         """FIELD=value matches, any of which selects a candidate entry."""
         return [f"SYSLOG_IDENTIFIER={i}" for i in self.identifiers] + [
             f"_SYSTEMD_UNIT={u}" for u in self.units if not _is_glob(u)]
+
+    def session_matches(self) -> list[str]:
+        """For a source whose sessions are read: PID 1's entries about its units' jobs (UNIT=)."""
+        if self.sessions is None:
+            return []
+        return [f"UNIT={u}" for u in self.units if not _is_glob(u)]
 
 
 def _is_glob(unit: str) -> bool:
@@ -187,10 +214,11 @@ def _build_source(name: str, assignments, watched: bool, problems: list[str]) ->
         compiled.append(pattern)
     compiled_hint = _compile(hint[0], hint[1], name, "Hint", problems) if hint else None
     compiled_correlation = _compile_correlation(name, correlation, problems) if correlation else None
+    compiled_sessions = _compile_sessions(name, server.sessions, problems) if server and server.sessions else None
     if len(problems) > first_problem:
         return None
     return Source(name, identifiers, units, frozenset(uids), tuple(compiled), compiled_hint,
-                  frozenset(login_uids), compiled_correlation, tuple(unresolved))
+                  frozenset(login_uids), compiled_correlation, tuple(unresolved), compiled_sessions)
 
 
 def _reads_a_login(pattern: re.Pattern, correlation) -> bool:
@@ -210,6 +238,15 @@ def _compile_correlation(name: str, correlation, problems: list[str]) -> Correla
     if any(pattern is None for pattern in connections + ends):
         return None
     return Correlation(correlation.key, connections, ends, correlation.max_age, correlation.max_size)
+
+
+def _compile_sessions(name: str, sessions, problems: list[str]) -> Sessions | None:
+    where = f"built-in {name}"
+    ends = tuple(_compile(text, where, name, "session end pattern", problems) for text in sessions.ends)
+    restarts = tuple(_compile(text, where, name, "restart pattern", problems) for text in sessions.restarts)
+    if any(pattern is None for pattern in ends + restarts):
+        return None
+    return Sessions(sessions.key, ends, restarts, sessions.per_instance, sessions.ends_need_unit)
 
 
 def _resolve_users(name: str, key: str, users: tuple[str, ...], required: bool, assignments, place: str,

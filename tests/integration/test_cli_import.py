@@ -87,3 +87,17 @@ def test_a_large_import_is_one_transaction_into_a_base_and_show_streams_it(setup
     assert setup.run("remove", "10.0.78.30", check=True)
     assert not setup.may_relay("10.0.78.30") and setup.may_relay("10.0.78.31")
     assert len(setup.run("show", "--json", check=True).stdout.splitlines()) == 19999
+
+
+def test_with_ipv6_prefix_an_imported_address_is_stored_as_its_network_and_networks_move_as_they_are(setup, tmp_path):
+    setup.write(extra="")
+    setup.config.write_text(setup.config.read_text().replace("[Grants]\n", "[Grants]\nIPv6Prefix=64\n"))
+    source = tmp_path / "list"
+    source.write_text("2001:db8:5::7 1h\n")
+    setup.run("import", str(source), check=True)
+    assert setup.may_relay("2001:db8:5::99") and not setup.may_relay("2001:db8:6::7")
+    exported = tmp_path / "grants.jsonl"
+    exported.write_text(setup.run("show", "--json", check=True).stdout)
+    setup.run("flush", check=True)
+    assert setup.run("import", str(exported), check=True).stdout == "imported 1 grants\n"
+    assert list(records(setup.run("show", "--json"))) == ["2001:db8:5::/64"]

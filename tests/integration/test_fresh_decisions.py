@@ -66,7 +66,8 @@ def test_relaylock_right_after_a_login_sets_relayclient_every_time(fresh):
             address = f"10.82.{index >> 8}.{index & 255}"
             logged_and_readable(fresh, address)
             result = subprocess.run([command("relaylock"), "-c", str(fresh.config), "--", "sh", "-c",
-                                     'echo "${RELAYCLIENT-unset}"'], env={"TCPREMOTEIP": address, "PATH": "/usr/bin:/bin"},
+                                     'echo "${RELAYCLIENT-unset}"'],
+                                    env={"TCPREMOTEIP": address, "PATH": "/usr/bin:/bin"},
                                     capture_output=True, text=True, timeout=30)
             if result.stdout != "\n":
                 refused.append(address)
@@ -93,7 +94,8 @@ def test_with_the_reader_down_a_refusal_comes_within_the_wait_and_mail_flows(fre
     (fresh.directory / "reader.sock").touch()  # not a socket anyone answers on
     started = time.monotonic()
     result = subprocess.run([command("relaylock"), "-c", str(fresh.config), "--", "sh", "-c",
-                             'echo "ran ${RELAYCLIENT-unset}"'], env={"TCPREMOTEIP": "10.84.0.1", "PATH": "/usr/bin:/bin"},
+                             'echo "ran ${RELAYCLIENT-unset}"'],
+                            env={"TCPREMOTEIP": "10.84.0.1", "PATH": "/usr/bin:/bin"},
                             capture_output=True, text=True, timeout=30)
     assert result.stdout == "ran unset\n"
     assert time.monotonic() - started < 10  # bounded; the exact bound is a benchmark's business

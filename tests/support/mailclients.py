@@ -101,3 +101,16 @@ def imap_login(host: str, port: int, user: str, password: str, *, source: str, t
             client.logout()
         except (imaplib.IMAP4.error, OSError):
             client.shutdown()
+
+
+def imap_connection(host: str, port: int, user: str, password: str, *, source: str) -> imaplib.IMAP4:
+    """An IMAP connection logged in (and INBOX selected) that stays open, as a mail client's does;
+    `.logout()` ends it, `.shutdown()` drops it."""
+    client = _SourceIMAP4(host, port, source)
+    try:
+        client.login(user, password)
+        client.select()
+    except BaseException:
+        client.shutdown()
+        raise
+    return client

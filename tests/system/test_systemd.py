@@ -499,13 +499,18 @@ def test_every_installed_man_page_renders(site):
 def test_journalctl_finds_a_clients_events_by_its_address_and_each_event_by_its_message_id(site):
     container = site.container
     by_address = site.events(f"POPLOCK_CLIENT_ADDRESS={GRANTED}")
+    # The POP3 session opened by the login ends with its logout: the grant is released then.
     assert [entry["POPLOCK_EVENT"] for entry in by_address] == [
-        events.LOGIN_GRANTED.name, events.RELAY_ALLOWED.name, events.GRANT_EXPIRED.name, events.RELAY_REFUSED.name]
+        events.LOGIN_GRANTED.name, events.GRANT_RELEASED.name, events.RELAY_ALLOWED.name, events.GRANT_EXPIRED.name,
+        events.RELAY_REFUSED.name]
+    released = by_address[1]["POPLOCK_EXPIRES"]
     text = container.run("journalctl", "--no-pager", "--output=cat", f"POPLOCK_CLIENT_ADDRESS={GRANTED}").stdout
-    assert text.splitlines() == [
-        f"granted {GRANTED} until {by_address[0]['POPLOCK_EXPIRES']} (dovecot login)",
+    lines = text.splitlines()
+    assert lines[0].startswith(f"granted {GRANTED} until ") and "(dovecot login" in lines[0], text
+    assert lines[1].startswith(f"released {GRANTED}: its last session ended; it relays until {released}"), text
+    assert lines[2:] == [
         f"relay allowed for {GRANTED}: dovecot grant",
-        f"grant for {GRANTED} expired at {by_address[0]['POPLOCK_EXPIRES']}",
+        f"grant for {GRANTED} expired at {released}",
         f"no relay for {GRANTED}: no grant",
     ], text
 

@@ -437,3 +437,68 @@ def test_poplock_logauth_trusts_nobody_until_the_admin_says_who_runs_the_chain(t
     [logauth] = build_sources(load_config(str(path)), ["logauth"]).values()
     assert read(LoginParser([logauth]), line("poplock-logauth", "successful POP3 login from 192.0.2.1 (user a)",
                                              uid=0)) == []
+
+
+# --- sessions: only trusted lines open or end them, and no user name chooses which -------------
+# (sessions.py: an open session holds a grant past its window; an end releases it for the window.)
+
+SESSION_LOGIN = ("imap-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.66, lip=192.0.2.1, mpid=5654, "
+                 "session=<b7aS8S1hfbZ/AAAF>")
+SESSION_END = "imap(alice)<5654><b7aS8S1hfbZ/AAAF>: Disconnected: Logged out in=32 out=796"
+
+
+@pytest.fixture
+def session_parser(every_source):
+    return LoginParser(every_source, sessions=True)
+
+
+def test_a_logout_a_local_user_logged_as_dovecot_ends_no_session(session_parser):
+    assert session_parser.read(line("dovecot", SESSION_END, uid=1000)) is None
+    assert session_parser.read(line("dovecot", SESSION_END, _SYSTEMD_UNIT="cron.service")) is None
+    assert session_parser.read(line("dovecot", SESSION_END)).key == "dovecot:5654/b7aS8S1hfbZ/AAAF"
+
+
+def test_a_restart_line_a_local_user_logged_as_dovecot_ends_no_session(session_parser):
+    message = "master: Dovecot v2.3.19.1 (9b53102964) starting up for pop3, imap (core dumps disabled)"
+    assert session_parser.read(line("dovecot", message, uid=1000)) is None
+
+
+def test_a_login_a_local_user_forged_opens_no_session(session_parser):
+    assert session_parser.read(line("dovecot", SESSION_LOGIN, uid=1000)) is None
+
+
+@pytest.mark.parametrize("message", [
+    # A user name holding another connection's key, as an account could be named:
+    "imap(x)<999><VICTIMxxxxxx/AAAB>: Disconnected: Logged out in=0 out=0)<5654><b7aS8S1hfbZ/AAAF>: "
+    "Disconnected: Logged out in=32 out=796",
+    # The same key in what follows the real one, should a reason ever quote the client:
+    "imap(x)<5654><b7aS8S1hfbZ/AAAF>: Disconnected: x)<999><VICTIMxxxxxx/AAAB>: Logged out in=0 out=0",
+])
+def test_an_end_line_holding_a_second_key_ends_neither_connection(session_parser, message):
+    assert session_parser.read(line("dovecot", message)) is None
+
+
+def test_a_user_name_in_a_login_cannot_choose_the_connection_it_opens(session_parser):
+    message = ("imap-login: Login: user=<a>, method=PLAIN, rip=203.0.113.10, lip=127.0.0.1, mpid=999, "
+               "session=<VICTIMxxxxxx/AAAB>>, method=PLAIN, rip=192.0.2.67, lip=192.0.2.1, mpid=5655, "
+               "session=<c7aS8S1hfbZ/AAAG>")
+    login = session_parser.read(line("dovecot", message))
+    assert (login.address, login.session) == ("192.0.2.67", "dovecot:5655/c7aS8S1hfbZ/AAAG")
+
+
+def test_a_courier_user_name_holding_another_port_ends_only_its_own_connection(session_parser):
+    message = ("LOGOUT, user=x, ip=[::ffff:192.0.2.68], port=[4000], top=0, ip=[::ffff:127.22.0.17], port=[43071], "
+               "top=0, retr=0, rcvd=12, sent=39, time=0")
+    ended = session_parser.read(line("pop3d", message, pid=7016))
+    assert ended.key.endswith("/::ffff:127.22.0.17/43071")
+
+
+def test_a_cyrus_usage_line_ends_the_connection_of_the_process_that_logged_it_whatever_the_name(session_parser):
+    ended = session_parser.read(line("cyrus/imap", "USAGE x user: 0.1 sys: 0.1 user: 0.2 sys: 0.2", pid=7734))
+    assert ended.key == "cyrus:9f63f5696786/7734"
+
+
+def test_an_end_as_the_mail_user_ends_nothing_under_a_plain_journald(session_parser):
+    # solid-pop3d and mailutils' children log their ends as the mail user: any process of that user could.
+    assert session_parser.read(line("solid-pop3d", "session ended for user alice - 127.26.0.2", uid=20000)) is None
+    assert session_parser.read(line("pop3d", "2AQELxkp session ended for user: alice", uid=20000)) is None
