@@ -59,9 +59,10 @@ class PostfixInstance(Service):
     manager; `maillog` is the log file to read on failures.
     """
 
-    def __init__(self, directory: Path, restriction: str):
+    def __init__(self, directory: Path, restriction: str, *, ipv6: bool = False):
         self.directory = directory
         self.restriction = restriction
+        self.ipv6 = ipv6  # listen on [::1] too (in a private network namespace with other IPv6 addresses)
         self.port = free_port()
         self.config_directory = directory / "etc"
         self.queue_directory = directory / "spool"
@@ -95,8 +96,8 @@ mydomain         = poplock.test
 mydestination    =
 relay_domains    =
 local_recipient_maps =
-inet_interfaces  = 127.0.0.1
-inet_protocols   = ipv4
+inet_interfaces  = {"127.0.0.1, [::1]" if self.ipv6 else "127.0.0.1"}
+inet_protocols   = {"all" if self.ipv6 else "ipv4"}
 mynetworks       = 127.0.0.1/32
 smtpd_peername_lookup = no
 default_transport = discard:poplock-test
@@ -105,7 +106,11 @@ smtpd_relay_restrictions = permit_mynetworks, {self.restriction}, reject_unauth_
 biff = no
 """
         )
-        (self.config_directory / "master.cf").write_text(MASTER_CF.format(port=self.port))
+        master = MASTER_CF.format(port=self.port)
+        if self.ipv6:  # the same smtpd on [::1] too
+            master = master.replace(f"127.0.0.1:{self.port} inet", f"[::1]:{self.port} inet", 1).replace(
+                "\n", f"\n127.0.0.1:{self.port} inet n  -       n       -       -       smtpd\n", 1)
+        (self.config_directory / "master.cf").write_text(master)
         # Postfix waits (in 300 ms steps) until main.cf is at least a second older than
         # the clock, in case an editor is still writing it: backdate both files.
         _backdate(self.config_directory / "main.cf", self.config_directory / "master.cf")

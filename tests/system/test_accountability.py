@@ -5,7 +5,8 @@ alice logs in from three addresses with MaxAddressesPerUser=2: the first two rel
 does not and the warning is in the journal; `poplock remove --user alice` and both are refused
 at once; a denied network's and a denied user's logins grant nothing; `journalctl
 POPLOCK_USER=alice` lists her relays; with IPv6Prefix=64 a login from 2001:db8:1::5 lets
-2001:db8:1::99 relay and not 2001:db8:2::5.
+2001:db8:1::99 relay through Postfix and not 2001:db8:2::5 (in a private network namespace,
+where those addresses are the loopback's).
 """
 
 import json
@@ -116,20 +117,23 @@ def test_the_deny_list_refuses_a_network_and_a_user_whatever_they_log_in_with(si
     assert "bob" not in denied["MESSAGE"] and "carol" not in denied["MESSAGE"]
 
 
-def test_with_ipv6_prefix_64_a_login_lets_its_whole_network_relay_and_no_other(journald, tmp_path):
+def test_with_ipv6_prefix_64_a_login_lets_its_whole_network_relay_through_postfix_and_no_other(journald, tmp_path):
     tag = unique_tag("dovecot")
     setup = configure(tmp_path, tag, "IPv6Prefix=64\n")
+    port = free_port()
+    restriction = f"check_policy_service {{ inet:127.0.0.1:{port}, timeout=2s, try_limit=1, default_action=DUNNO }}"
     with network_namespace("2001:db8:1::5", "2001:db8:1::99", "2001:db8:2::5"):
         with Dovecot(tmp_path / "dovecot", USERS, identifier=tag) as dovecot, ReaderProcess(setup), \
-                PolicyProcess(setup) as policy:
+                PostfixInstance(tmp_path / "postfix", restriction, ipv6=True) as postfix, \
+                PolicyProcess(setup, f"127.0.0.1:{port}"):
             assert pop3_login("::1", dovecot.pop3_port, "alice", "secret", source="2001:db8:1::5")
             setup.wait_until_allowed("2001:db8:1::5")
             assert list(grants(setup)) == ["2001:db8:1::/64"]
-            answers = {}
-            for client in ("2001:db8:1::99", "2001:db8:1::5", "2001:db8:2::5"):
-                with socket.create_connection(("127.0.0.1", policy.port), timeout=10) as connection:
-                    connection.sendall(f"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\n"
-                                       "recipient=someone@elsewhere.example\n\n".encode())
-                    answers[client] = connection.makefile("rb").readline().decode().strip()
-    assert answers == {"2001:db8:1::99": "action=OK", "2001:db8:1::5": "action=OK", "2001:db8:2::5": "action=DUNNO"}
+            relayed = {client: try_relay("::1", postfix.port, source=client)[0]
+                       for client in ("2001:db8:1::99", "2001:db8:1::5", "2001:db8:2::5")}
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                connection.sendall(b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=2001:db8:2::5\n\n")
+                other_network = connection.makefile("rb").readline().decode().strip()
+    assert relayed == {"2001:db8:1::99": 250, "2001:db8:1::5": 250, "2001:db8:2::5": 554}
+    assert other_network == "action=DUNNO"
     assert setup.may_relay("2001:db8:1::abcd") and not setup.may_relay("2001:db8:2::5")
