@@ -394,10 +394,17 @@ def command_import(config: Config, arguments) -> int:
 
     def load(transaction):
         imported = []
+        by_user: dict[str, list[str]] = {}
         for grant in found.grants:
             merged = merge_grant(transaction.grants.get(grant.address), grant, now)
             transaction.grants[grant.address] = merged
             imported.append(merged)
+            if merged.user is not None:
+                by_user.setdefault(merged.user, []).append(merged.address)
+        if config.max_addresses_per_user:  # so that they count toward MaxAddressesPerUser= as a login's do
+            for user, addresses in by_user.items():
+                known = transaction.users.addresses(user)
+                transaction.users.set(user, known + [address for address in addresses if address not in known])
         return imported
 
     imported = change_store(config, load)

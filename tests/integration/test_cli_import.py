@@ -2,11 +2,13 @@
 
 import json
 import subprocess
+import time
 
 from support.journald import wait_for_entries
 from support.poplock import command
 
 from poplock import events
+from poplock.logs import iso_time
 
 
 def records(result) -> dict:
@@ -101,3 +103,16 @@ def test_with_ipv6_prefix_an_imported_address_is_stored_as_its_network_and_netwo
     setup.run("flush", check=True)
     assert setup.run("import", str(exported), check=True).stdout == "imported 1 grants\n"
     assert list(records(setup.run("show", "--json"))) == ["2001:db8:5::/64"]
+
+
+def test_imported_grants_of_a_user_count_toward_the_addresses_that_user_may_hold(setup, tmp_path):
+    from poplock.storewriter import StoreWriter
+
+    now = int(time.time())
+    listing = tmp_path / "grants.jsonl"
+    listing.write_text("".join(json.dumps({"kind": "grant", "address": f"192.0.2.{index}", "user": "alice",
+                                           "source": "dovecot", "expires": iso_time(now + 1800),
+                                           "login_time": iso_time(now - 60)}) + "\n" for index in (1, 2)))
+    setup.run("import", str(listing), check=True)
+    with StoreWriter(str(setup.store)).transaction() as transaction:
+        assert sorted(transaction.users.addresses("alice")) == ["192.0.2.1", "192.0.2.2"]
