@@ -255,7 +255,7 @@ def fresh(journald, tmp_path):
     tag = unique_tag()
     setup = Setup(tmp_path, extra=f"\n[Source:dovecot]\nIdentifiers={tag}\n")
     setup.config.write_text(setup.config.read_text().replace(
-        "[Store]\n", f"[Store]\nReaderSocket={tmp_path / 'reader.sock'}\nReaderWait=500ms\n"))
+        "[Store]\n", f"[Store]\nReaderSocket={tmp_path / 'reader.sock'}\nReaderWait=1s\n"))
     setup.tag = tag
     return setup
 
