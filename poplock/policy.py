@@ -26,19 +26,14 @@ import time
 from poplock import events
 from poplock.access import check_relay, describe, grant_user, needs_fresh_look
 from poplock.addresses import NO_DENIALS, DenyList, Network, load_allow_list, load_deny_list, normalize_address
-from poplock.arguments import ArgumentParser
-from poplock.config import Config, load_config
+from poplock.config import Config
 from poplock.errors import AddressError, ConfigError, PoplockError, StoreBusyError
-from poplock.logs import iso_time, log_event, setup_logging
+from poplock.logs import iso_time, log_event
 from poplock.policyprotocol import DUNNO, RequestBuffer, format_reply
 from poplock.service import (
-    Limits,
-    Service,
     Warnings,
     describe_span,
-    listening_sockets,
-    raise_open_file_limit,
-    serve,
+    run_decision_service,
 )
 from poplock.store import find_grant, open_snapshot
 
@@ -273,35 +268,9 @@ class PolicyHandler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="poplock-policy", description="Postfix policy service: may this client relay?")
-    parser.add_argument("-c", "--config", help="configuration file (default /etc/poplock/poplock.conf)")
-    parser.add_argument("--listen", action="append", default=[], metavar="HOST:PORT|PATH",
-                        help="listen here instead of on sockets passed by systemd (repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every decision, refusals included")
-    arguments = parser.parse_args(argv)
-    setup_logging("poplock-policy", logging.DEBUG if arguments.verbose else logging.INFO)
-    try:
-        config = load_config(arguments.config, sections=("Grants", "Store", "Policy"))
-        load_allow_list(config.static_allow_file)  # a broken list is a configuration error at start
-        load_deny_list(config.deny_file)
-        sockets = listening_sockets(arguments.listen)
-    except ConfigError as error:
-        log_event(log, logging.ERROR, events.CONFIG_INVALID, "%s", error)
-        return os.EX_CONFIG
-    except OSError as error:
-        log.error("cannot listen: %s", error)
-        return os.EX_OSERR
-    if not sockets:
-        log.error("no socket to listen on: start me from poplock-policy.socket or give --listen")
-        return os.EX_USAGE
-    limits = Limits(config.policy_request_timeout, config.policy_idle_timeout, config.policy_max_connections,
-                    config.policy_max_connections_per_peer, section="Policy")
-    raise_open_file_limit(limits)
-    warnings = Warnings(log, time.monotonic)
-    handler = PolicyHandler(config, warnings)
-    asyncio.run(serve(Service(handler, limits, warnings), sockets, "answering Postfix policy requests"))
-    log.info("stopping after %d decisions (%d allowed)", handler.decisions, handler.allowed)
-    return os.EX_OK
+    return run_decision_service("poplock-policy", "Postfix policy service: may this client relay?",
+                                "log every decision, refusals included", "Policy", PolicyHandler,
+                                lambda config: "answering Postfix policy requests", argv)
 
 
 if __name__ == "__main__":

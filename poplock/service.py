@@ -511,3 +511,52 @@ async def serve(service: Service, sockets: list[socket.socket], description: str
     service.close_all()
     service.warnings.flush(everything=True)
     log.info("stopping: %s", status)
+
+
+def run_decision_service(program: str, description: str, verbose_help: str, section: str, make_handler,
+                         what, argv: list[str] | None) -> int:
+    """The main() every decision service shares: arguments, logging, configuration (the lists it
+    decides from checked at start), sockets, limits from [SECTION]'s settings, then serve.
+
+    `make_handler(config, warnings)` builds the service's handler; `what(config)` says what it
+    answers, for the log and STATUS=.
+    """
+    import time
+
+    from poplock import events
+    from poplock.addresses import load_allow_list, load_deny_list
+    from poplock.arguments import ArgumentParser
+    from poplock.config import load_config
+    from poplock.logs import log_event, setup_logging
+
+    parser = ArgumentParser(prog=program, description=description)
+    parser.add_argument("-c", "--config", help="configuration file (default /etc/poplock/poplock.conf)")
+    parser.add_argument("--listen", action="append", default=[], metavar="HOST:PORT|PATH",
+                        help="listen here instead of on sockets passed by systemd (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    arguments = parser.parse_args(argv)
+    setup_logging(program, logging.DEBUG if arguments.verbose else logging.INFO)
+    service_log = logging.getLogger(f"poplock.{section.lower()}")
+    try:
+        config = load_config(arguments.config, sections=("Grants", "Store", section))
+        load_allow_list(config.static_allow_file)  # a broken list is a configuration error at start
+        load_deny_list(config.deny_file)
+        sockets = listening_sockets(arguments.listen)
+    except ConfigError as error:
+        log_event(service_log, logging.ERROR, events.CONFIG_INVALID, "%s", error)
+        return os.EX_CONFIG
+    except OSError as error:
+        service_log.error("cannot listen: %s", error)
+        return os.EX_OSERR
+    if not sockets:
+        service_log.error("no socket to listen on: start me from %s.socket or give --listen", program)
+        return os.EX_USAGE
+    prefix = section.lower() + "_"
+    limits = Limits(*(getattr(config, prefix + name) for name in (
+        "request_timeout", "idle_timeout", "max_connections", "max_connections_per_peer")), section=section)
+    raise_open_file_limit(limits)
+    warnings = Warnings(service_log, time.monotonic)
+    handler = make_handler(config, warnings)
+    asyncio.run(serve(Service(handler, limits, warnings), sockets, what(config)))
+    service_log.info("stopping after %d decisions (%d allowed)", handler.decisions, handler.allowed)
+    return os.EX_OK

@@ -16,21 +16,17 @@ shares with poplock-policy. This module holds the decision's side and main().
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import sys
 import time
 
 from poplock import events
 from poplock.access import check_relay, describe, grant_user, needs_fresh_look
-from poplock.addresses import load_allow_list, load_deny_list
-from poplock.arguments import ArgumentParser
-from poplock.config import Config, load_config
+from poplock.config import Config
 from poplock.errors import ConfigError, PoplockError, StoreBusyError
-from poplock.logs import log_event, setup_logging
+from poplock.logs import log_event
 from poplock.policy import ReaderSync, Snapshots
-from poplock.service import Limits, Service, Warnings, listening_sockets, raise_open_file_limit, serve
+from poplock.service import Warnings, run_decision_service
 from poplock.socketmapprotocol import NOTFOUND, OK, PERM, TEMP, Request, RequestBuffer, format_reply
 
 log = logging.getLogger("poplock.socketmap")
@@ -121,39 +117,11 @@ class SocketmapHandler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="poplock-socketmap",
-                            description="socketmap server for Postfix, Sendmail, Exim, OpenSMTPD: may this client "
-                                        "relay?")
-    parser.add_argument("-c", "--config", help="configuration file (default /etc/poplock/poplock.conf)")
-    parser.add_argument("--listen", action="append", default=[], metavar="HOST:PORT|PATH",
-                        help="listen here instead of on sockets passed by systemd (repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log every lookup, refusals and keys that are not addresses included")
-    arguments = parser.parse_args(argv)
-    setup_logging("poplock-socketmap", logging.DEBUG if arguments.verbose else logging.INFO)
-    try:
-        config = load_config(arguments.config, sections=("Grants", "Store", "Socketmap"))
-        load_allow_list(config.static_allow_file)  # a broken list is a configuration error at start
-        load_deny_list(config.deny_file)
-        sockets = listening_sockets(arguments.listen)
-    except ConfigError as error:
-        log_event(log, logging.ERROR, events.CONFIG_INVALID, "%s", error)
-        return os.EX_CONFIG
-    except OSError as error:
-        log.error("cannot listen: %s", error)
-        return os.EX_OSERR
-    if not sockets:
-        log.error("no socket to listen on: start me from poplock-socketmap.socket or give --listen")
-        return os.EX_USAGE
-    limits = Limits(config.socketmap_request_timeout, config.socketmap_idle_timeout,
-                    config.socketmap_max_connections, config.socketmap_max_connections_per_peer, section="Socketmap")
-    raise_open_file_limit(limits)
-    warnings = Warnings(log, time.monotonic)
-    handler = SocketmapHandler(config, warnings)
-    maps = ", ".join(f"{name} (OK {value})" for name, value in config.socketmap_maps)
-    asyncio.run(serve(Service(handler, limits, warnings), sockets, f"answering socketmap lookups for {maps}"))
-    log.info("stopping after %d decisions (%d allowed)", handler.decisions, handler.allowed)
-    return os.EX_OK
+    return run_decision_service(
+        "poplock-socketmap", "socketmap server for Postfix, Sendmail, Exim, OpenSMTPD: may this client relay?",
+        "log every lookup, refusals and keys that are not addresses included", "Socketmap", SocketmapHandler,
+        lambda config: "answering socketmap lookups for " + ", ".join(
+            f"{name} (OK {value})" for name, value in config.socketmap_maps), argv)
 
 
 if __name__ == "__main__":
