@@ -23,9 +23,9 @@ import time
 from poplock import events
 from poplock.access import check_relay, describe, grant_user, needs_fresh_look
 from poplock.config import Config
+from poplock.decisions import ReaderSync, Snapshots
 from poplock.errors import ConfigError, PoplockError, StoreBusyError
 from poplock.logs import log_event
-from poplock.policy import ReaderSync, Snapshots
 from poplock.service import Warnings, run_decision_service
 from poplock.socketmapprotocol import NOTFOUND, OK, PERM, TEMP, Request, RequestBuffer, format_reply
 
@@ -40,10 +40,10 @@ UNKNOWN_MAP_REPLY = format_reply(PERM, "poplock serves no map of that name")
 class SocketmapHandler:
     """The socketmap service's side of poplock.service: a codec per connection, an answer per request.
 
-    The decision is poplock-policy's, made the same way on the same files (policy.Snapshots,
+    The decision is poplock-policy's, made the same way on the same files (decisions.Snapshots,
     access.check_relay with the deny list and [Grants] IPv6Prefix), and so is the fresh look:
     before NOTFOUND for an address a login could turn, poplock-reader is asked to read the
-    journal up to now ([Store] ReaderSocket=, policy.ReaderSync) and the store is read again.
+    journal up to now ([Store] ReaderSocket=, decisions.ReaderSync) and the store is read again.
     """
 
     def __init__(self, config: Config, warnings: Warnings, clock=time.time):

@@ -1,0 +1,155 @@
+"""What the decision services (poplock-policy, poplock-socketmap) share beside the connection
+layer: the files a decision reads, looked at once per turn of the loop (Snapshots), and the
+question to poplock-reader before a refusal, asked without blocking the loop (ReaderSync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from poplock.addresses import NO_DENIALS, DenyList, Network, load_allow_list, load_deny_list
+from poplock.config import Config
+from poplock.service import Warnings, describe_span
+from poplock.store import find_grant, open_snapshot
+
+
+class Snapshots:
+    """The store, the static allow list and the deny list, re-read only when their files change.
+
+    The open snapshot is kept until the store's file is replaced: while we hold it, its
+    inode cannot be reused, so a changed (device, inode) reliably means a new snapshot.
+    Each file is looked at (stat) once per turn of the event loop, however many decisions
+    that turn makes: at 20,000 decisions a second three stats each were most of a
+    decision's cost. forget() makes the next decision look again (after poplock-reader
+    has read the journal for a refusal).
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._looked: dict[str, object] = {}  # path -> identity, in this turn of the loop
+        self._forget_scheduled = False
+        self._snapshot = None
+        self._snapshot_identity = None
+        self._networks: list[Network] = []
+        self._networks_identity = None
+        self._denials: DenyList = NO_DENIALS
+        self._denials_identity = None
+
+    def _identity(self, path: str):
+        if path in self._looked:
+            return self._looked[path]
+        identity = _identity(path)
+        if not self._forget_scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self.forget)  # at the next turn of the loop
+            except RuntimeError:  # no loop: each decision looks
+                return identity
+            self._forget_scheduled = True
+        self._looked[path] = identity
+        return identity
+
+    def forget(self) -> None:
+        self._looked.clear()
+        self._forget_scheduled = False
+
+    def denials(self) -> DenyList:
+        identity = self._identity(self.config.deny_file)
+        if identity != self._denials_identity:
+            self._denials = load_deny_list(self.config.deny_file) if identity else NO_DENIALS
+            self._denials_identity = identity
+        return self._denials
+
+    def networks(self) -> list[Network]:
+        identity = self._identity(self.config.static_allow_file)
+        if identity != self._networks_identity:
+            self._networks = load_allow_list(self.config.static_allow_file) if identity else []
+            self._networks_identity = identity
+        return self._networks
+
+    def grant(self, address: str):
+        identity = self._identity(self.config.store_path)
+        if identity != self._snapshot_identity:
+            self.close()
+            if identity is not None:
+                self._snapshot = open_snapshot(self.config.store_path, self.config.busy_timeout)
+            self._snapshot_identity = identity
+        if self._snapshot is None:
+            return None
+        return find_grant(self._snapshot, address, self.config.store_path)
+
+    def close(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.close()
+            self._snapshot = None
+        self._snapshot_identity = None
+        self._looked.pop(self.config.store_path, None)
+
+
+def _identity(path: str):
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
+
+
+class ReaderSync:
+    """Asks poplock-reader to read the journal up to now before a refusal (access.check_relay_in_files
+    does the same for relaylock and `poplock check`), without blocking the loop.
+
+    One question is in flight at a time; refusals that come while it is answer after the
+    next one, since their login may have been logged after the read began: a flood of
+    refusals costs the reader one read per round trip, not one each. A reader that does
+    not answer within ReaderWait= leaves the store as it is."""
+
+    def __init__(self, path: str, wait: float, warnings: Warnings, on_read=None):
+        self.path = path
+        self.wait = wait
+        self.warnings = warnings
+        self.on_read = on_read  # called once a read is over, before the refusals waiting for it decide again
+        self.asked = 0  # questions sent to the reader (for the benchmark and the status)
+        self._next: list = []  # (callback, future) waiting for the next read
+        self._in_flight = False
+
+    def then(self, callback):
+        """A future of callback()'s result, called once the reader has read (or the wait is over)."""
+        future = asyncio.get_running_loop().create_future()
+        self._next.append((callback, future))
+        if not self._in_flight:
+            self._ask()
+        return future
+
+    def _ask(self) -> None:
+        waiting, self._next = self._next, []
+        self._in_flight = True
+        self.asked += 1
+        task = asyncio.get_running_loop().create_task(self._exchange())
+        task.add_done_callback(lambda _: self._answered(waiting))
+
+    async def _exchange(self) -> None:
+        writer = None
+        try:
+            async with asyncio.timeout(self.wait):
+                reader, writer = await asyncio.open_unix_connection(self.path)
+                writer.write(b"sync\n")
+                answer = await reader.readline()
+            if answer != b"ok\n":
+                raise ConnectionError(f"it answered {answer[:40]!r}")
+        except (OSError, TimeoutError, ConnectionError) as error:
+            self.warnings.warn("reader silent", "poplock-reader did not read the journal for a refusal within "
+                               "[Store] ReaderWait=%s (%s): deciding from the store as it is",
+                               describe_span(self.wait), getattr(error, "strerror", None) or error or "no answer")
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _answered(self, waiting: list) -> None:
+        self._in_flight = False
+        if self.on_read is not None:
+            self.on_read()
+        for callback, future in waiting:
+            if not future.done():
+                future.set_result(callback())
+        if self._next:
+            self._ask()
