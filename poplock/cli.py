@@ -252,14 +252,13 @@ def change_store(config: Config, change):
 def rebuild_store(config: Config, error: Exception | None = None, *, directory: str | None = None,
                   files: list[str] | None = None) -> int:
     """The store built anew from the journal, as poplock-reader does it (reader.py); the grant count."""
-    from poplock.follow import JournalFollower
-    from poplock.reader import Reader, journal_matches
+    from poplock.reader import Reader, open_journals
     from poplock.sources import build_sources
 
     all_sources = build_sources(config)
     sources = [all_sources[name] for name in config.sources]
     try:
-        follower = JournalFollower(journal_matches(config, sources), directory=directory, files=files)
+        follower = open_journals(config, sources, directory=directory, files=files)
     except (OSError, ValueError) as failure:
         raise JournalError(f"cannot open the journal to rebuild the store: {failure}") from None
     try:

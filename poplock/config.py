@@ -183,6 +183,9 @@ SETTINGS = (
             "Warn when a watched server has logged login-looking lines that no pattern reads for this long."),
     Setting("Reader", "Sources", "sources", parse_list, "dovecot",
             "The login sources to watch, by name: built-in servers or [Source:NAME] sections."),
+    Setting("Reader", "Directory", "received_directory", _optional_absolute_path, "",
+            "Journals received from POP hosts (where systemd-journal-remote --split-mode=host writes "
+            "remote-ADDRESS.journal), read besides this host's journal; only sources with Hosts= read them."),
     Setting("Relaylock", "RelayClient", "relay_client", _relay_client, "",
             "The value relaylock gives RELAYCLIENT for an allowed client (qpsmtpd needs a non-empty one)."),
     Setting("Policy", "Action", "policy_action", _policy_action, "OK",
@@ -229,6 +232,9 @@ SOURCE_KEYS = {
     "Pattern": "A regular expression for one successful login, with the named group (?P<address>...) and "
                "optionally (?P<user>...); repeat to add more. Required for a source that is not built in.",
     "Hint": "A regular expression for lines that look like logins, for the warning when none of them match.",
+    "Hosts": "The POP hosts, by address, whose journals received in [Reader] Directory= this source reads "
+             "(the file a sender's entries land in is named after its address; nothing inside an entry "
+             "says who sent it). Without Hosts= a source reads this host's own journal only.",
 }
 
 _BY_SECTION: dict[str, dict[str, Setting]] = {}

@@ -25,11 +25,14 @@ class JournalEntry(Mapping):
     and fetching every field of every entry would cost more than parsing them.
     """
 
-    __slots__ = ("_reader", "_field")
+    __slots__ = ("_reader", "_field", "sender")
 
-    def __init__(self, reader):
+    def __init__(self, reader, sender: str | None = None):
         self._reader = reader
         self._field = reader._get  # bound once: get() runs for nearly every entry read
+        # The POP host whose received journal holds the entry (received.py), None for this
+        # host's own journal: the transport's word on who wrote it, never a field inside it.
+        self.sender = sender
 
     def __getitem__(self, name: str) -> str:
         if name == "__REALTIME_TIMESTAMP":  # kept in the entry's header, not its data
@@ -78,12 +81,15 @@ class JournalFollower:
     """
 
     def __init__(self, matches: Iterable[str] | None, *, directory: str | None = None,
-                 files: list[str] | None = None):
+                 files: list[str] | None = None, sender: str | None = None):
         self.matches = list(matches) if matches is not None else None
         self.directory = directory
         self.files = files
+        self.sender = sender
         self._reader = self._open()
         self._pending = False  # the current entry is positioned on but not yet read
+        self._looked_again = False  # peek() already looked again in this pass
+        self._consumed: str | None = None  # peek(): the cursor of the entry taken before the pending one
 
     def _open(self) -> journal._Reader:
         # sd_journal_open_directory/_files take no flags: 0 must be given explicitly.
@@ -101,6 +107,7 @@ class JournalFollower:
     def seek(self, cursor: str | None, fallback_realtime: float) -> str:
         """Position just after `cursor`, else at `fallback_realtime` (seconds); returns a Position."""
         self._pending = False
+        self._consumed = cursor
         if cursor is not None:
             try:
                 self._reader.seek_cursor(cursor)
@@ -129,7 +136,7 @@ class JournalFollower:
         the current one: use it before taking the next.
         """
         reader = self._reader
-        entry = JournalEntry(reader)
+        entry = JournalEntry(reader, self.sender)
         count = 0
         looked_again = False
         while limit is None or count < limit:
@@ -142,6 +149,40 @@ class JournalFollower:
                 looked_again = True
                 continue
             yield entry
+
+    def start_pass(self) -> None:
+        """Before a round of peek() and take(): peek() may look again once per round."""
+        self._looked_again = False
+
+    def peek(self) -> int | None:
+        """Position on the next entry without taking it: its realtime (microseconds), None at
+        the end. For reading several journals in time order (received.py)."""
+        reader = self._reader
+        if not self._pending:
+            try:
+                self._consumed = reader._get_cursor()  # the entry taken last: where a commit stops
+            except OSError:
+                pass  # nothing taken yet: the position is still the one sought
+            while not reader._next():
+                if self._looked_again or not self.matches or not self._look_again():
+                    return None
+                self._looked_again = True
+            self._pending = True
+        return reader._get_realtime()
+
+    def take(self) -> JournalEntry:
+        """The entry peek() positioned on; read it before peeking this follower again."""
+        self._pending = False
+        return JournalEntry(self._reader, self.sender)
+
+    def taken_cursor(self) -> str | None:
+        """The cursor of the last entry taken (None if none was since the last seek)."""
+        if self._pending:
+            return self._consumed
+        try:
+            return self._reader._get_cursor()
+        except OSError:
+            return None
 
     def _look_again(self) -> bool:
         """At the end: step back onto the last entry read, so that the next step looks afresh.
@@ -186,9 +227,10 @@ class JournalFollower:
     def fileno(self) -> int:
         return self._reader.fileno()
 
-    def process(self) -> None:
-        """Consume the journal's inotify events after its descriptor turned readable."""
-        self._reader.process()
+    def process(self) -> bool:
+        """Consume the journal's inotify events after its descriptor turned readable; True when
+        journal files were added or removed."""
+        return self._reader.process() == journal.INVALIDATE
 
     def reopen(self, cursor: str | None, fallback_realtime: float) -> str:
         """Start over with a fresh journal handle (after errors reading the old one)."""

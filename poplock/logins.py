@@ -51,6 +51,12 @@ class ServerRestart(NamedTuple):
     source: str
     time: float
     message: str
+    scope: str = ""  # whose server restarted: "" this host's, "/ADDRESS/" a POP host's (LoginParser)
+
+    @property
+    def sessions_prefix(self) -> str:
+        """What the keys of the sessions it ends start with."""
+        return f"{self.source}{self.scope}:"
 
 
 # What a session key may hold (the servers' session ids, pids, addresses, ports, identifiers):
@@ -88,12 +94,16 @@ class LoginParser:
     every entry, whoever sent it (for checking patterns, never for granting).
     """
 
-    def __init__(self, sources: Iterable[Source], *, check_trust: bool = True, sessions: bool = False):
+    def __init__(self, sources: Iterable[Source], *, check_trust: bool = True, sessions: bool = False,
+                 sender: str | None = None):
         """`sessions`: also read connection ends, and name each login's connection (poplock-reader,
-        unless [Grants] MaxSessionLength=0); without, logins only (`poplock scan`)."""
+        unless [Grants] MaxSessionLength=0); without, logins only (`poplock scan`). `sender`: the
+        POP host whose received journal the entries come from (received.py), None for this host's:
+        its sessions are its own, so one host's server restart or logout never ends another's."""
         self.sources = tuple(sources)
         self.check_trust = check_trust
         self.sessions = sessions
+        self.scope = "" if sender is None else f"/{sender}/"
         # Sources whose units' start and stop jobs end their sessions.
         self._unit_sources = tuple(source for source in self.sources if sessions and source.sessions is not None
                                    and source.units)
@@ -157,8 +167,8 @@ class LoginParser:
                         break
                 if self.sessions and source.sessions is not None and (
                         not source.sessions.ends_need_unit or source.trusted_by_unit(entry)):
-                    instance = _instance(source, entry)
-                    key = _session_key(source, match, entry, instance)
+                    instance = _instance(source, entry, self.scope)
+                    key = _session_key(source, match, entry, instance, self.scope)
                     if key is not None:
                         return Login(address, entry_time(entry), match.groupdict().get("user"), source.name,
                                      key, instance)
@@ -185,14 +195,14 @@ class LoginParser:
                 continue
             if self._trust_level(source, entry) != TRUSTED:
                 return None
-            instance = _instance(source, entry)
-            key = _session_key(source, match, entry, instance)
+            instance = _instance(source, entry, self.scope)
+            key = _session_key(source, match, entry, instance, self.scope)
             return SessionEnd(source.name, key, entry_time(entry), instance) if key is not None else None
         for pattern in sessions.restarts:
             if pattern.fullmatch(message) is not None:
                 if self._trust_level(source, entry) != TRUSTED:
                     return None
-                return ServerRestart(source.name, entry_time(entry), message)
+                return ServerRestart(source.name, entry_time(entry), message, self.scope)
         return None
 
     def _unit_job(self, entry: Mapping[str, str], message: str) -> ServerRestart | None:
@@ -204,7 +214,7 @@ class LoginParser:
         unit = entry.get("UNIT")
         for source in self._unit_sources:
             if unit in source.units:
-                return ServerRestart(source.name, entry_time(entry), message)
+                return ServerRestart(source.name, entry_time(entry), message, self.scope)
         return None
 
     def _trust_level(self, source: Source, entry: Mapping[str, str]) -> int:
@@ -261,7 +271,7 @@ class LoginParser:
         return len(connections) if connections is not None else 0
 
 
-def _instance(source: Source, entry: Mapping[str, str]) -> tuple[str, str] | None:
+def _instance(source: Source, entry: Mapping[str, str], scope: str = "") -> tuple[str, str] | None:
     """(scope, instance) of a per-instance server's line: its identifier, and the boot and pid of
     the process that logs for it."""
     if source.sessions is None or not source.sessions.per_instance:
@@ -269,12 +279,13 @@ def _instance(source: Source, entry: Mapping[str, str]) -> tuple[str, str] | Non
     identifier, boot, pid = entry.get("SYSLOG_IDENTIFIER"), entry.get("_BOOT_ID"), entry.get("_PID")
     if not identifier or not boot or not pid:
         return None
-    return f"{source.name}:{identifier}", f"{boot[:12]}/{pid}"
+    return f"{source.name}{scope}:{identifier}", f"{boot[:12]}/{pid}"
 
 
-def _session_key(source: Source, match, entry: Mapping[str, str], instance: tuple[str, str] | None) -> str | None:
-    """SOURCE:PART/PART...: the connection's key, from the line's groups or the journal's fields."""
-    parts = [instance[0].partition(":")[2], instance[1]] if instance is not None else []
+def _session_key(source: Source, match, entry: Mapping[str, str], instance: tuple[str, str] | None,
+                 scope: str = "") -> str | None:
+    """SOURCE[/SENDER/]:PART/PART...: the connection's key, from the line's groups or the journal's fields."""
+    parts = [instance[0][len(source.name + scope) + 1:], instance[1]] if instance is not None else []
     if source.sessions.per_instance and instance is None:
         return None
     groups = match.re.groupindex
@@ -283,7 +294,7 @@ def _session_key(source: Source, match, entry: Mapping[str, str], instance: tupl
         if not value:
             return None
         parts.append(value[:12] if name == "_BOOT_ID" else value)
-    key = f"{source.name}:{'/'.join(parts)}"
+    key = f"{source.name}{scope}:{'/'.join(parts)}"
     return key if _SESSION_KEY.fullmatch(key) else None
 
 

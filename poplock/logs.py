@@ -187,7 +187,8 @@ def iso_time(seconds: float) -> str:
 
 def log_event(logger: logging.Logger, level: int, event: Event, message: str, *args,
               address: str | None = None, source: str | None = None, unit: str | None = None,
-              expires: float | None = None, store: str | None = None, user: str | None = None) -> None:
+              expires: float | None = None, store: str | None = None, user: str | None = None,
+              host: str | None = None) -> None:
     """Log one event with its MESSAGE_ID and POPLOCK_* fields (fields reach the journal only)."""
     fields = {"MESSAGE_ID": event.message_id, "POPLOCK_EVENT": event.name}
     if address is not None:
@@ -200,6 +201,8 @@ def log_event(logger: logging.Logger, level: int, event: Event, message: str, *a
         fields["POPLOCK_EXPIRES"] = iso_time(expires)
     if store is not None:
         fields["POPLOCK_STORE"] = store
+    if host is not None:  # the POP host whose received journal held the login (received.py)
+        fields["POPLOCK_POP_HOST"] = host
     if user is not None:  # a field, never the message: user names are not for every log reader
         fields["POPLOCK_USER"] = user
     if not _event_outputs:  # logging not set up by a program (a library caller): plain logging

@@ -71,7 +71,9 @@ class Reader:
                  change_uids: frozenset[int] | None = None):
         self.config = config
         self.sources = sources
-        self.parser = LoginParser(sources, sessions=config.max_session_length > 0)
+        self.parser = LoginParser([source for source in sources if source.reads_from(None)],
+                                  sessions=config.max_session_length > 0)
+        self._parsers: dict[str | None, LoginParser] = {None: self.parser}  # one per stream: see logins.py
         self._next_sweep = 0.0  # when sessions past their bound are next tidied (clock time)
         self._quiet_before = 0.0  # logins older than this were read only for their sessions (_start_over)
         self.unmatched = UnmatchedLogins(grace=config.unmatched_warning_after)
@@ -238,14 +240,16 @@ class Reader:
         for entry in self.follower.read(BATCH):
             count += 1
             try:
-                if entry.get("POPLOCK_STORE") is not None:
+                sender = entry.sender
+                # A change is trusted from this host's journal only: a POP host writes any field it likes.
+                if sender is None and entry.get("POPLOCK_STORE") is not None:
                     change = parse_change(entry, store_path, self.change_uids, self.machine_id)
                     if change is not None:
                         items.append(change)
                     continue
-                found = self.parser.examine(entry)
+                found = (self.parser if sender is None else self._parser_for(sender)).examine(entry)
                 if isinstance(found, Login):
-                    items.append((found, entry.get("_SYSTEMD_UNIT")))
+                    items.append((found, entry.get("_SYSTEMD_UNIT"), sender))
                     self.unmatched.login(found)
                 elif isinstance(found, (SessionEnd, ServerRestart)):
                     items.append(found)
@@ -258,6 +262,15 @@ class Reader:
         for drift in self.unmatched.due(self.clock()):
             self._warn_drift(drift)
         return items, self.follower.cursor() if count else self.cursor, count
+
+    def _parser_for(self, sender: str) -> LoginParser:
+        """The parser of `sender`'s received journal: the sources listing it (Hosts=), its own sessions."""
+        parser = self._parsers.get(sender)
+        if parser is None:
+            parser = self._parsers[sender] = LoginParser(
+                [source for source in self.sources if source.reads_from(sender)],
+                sessions=self.config.max_session_length > 0, sender=sender)
+        return parser
 
     def _warn_drift(self, drift: Drift) -> None:
         since = f"the last login read was at {iso_time(drift.last_login)}" if drift.last_login else \
@@ -300,24 +313,24 @@ class Reader:
                         ended.append(("ended", item.source, 1, [released]))
                     continue
                 if isinstance(item, ServerRestart):
-                    count, released = end_sessions(grants, metadata, item.source + ":", min(item.time, now), bounds)
+                    count, released = end_sessions(grants, metadata, item.sessions_prefix, min(item.time, now), bounds)
                     if count:
                         ended.append(("restart", item.source, count, released))
                     continue
-                login, unit = item
+                login, unit, sender = item
                 if login.instance is not None:
                     self._note_instance(grants, metadata, login.instance, login.source, min(login.time, now),
                                         bounds, ended)
                 opens = login.session is not None and bounds.max_session_length > 0
                 if login.time + window <= now and not (opens and bounds.held_until(int(login.time)) > now):
                     if login.time >= self._quiet_before:  # else read back only for its session: no news
-                        changes.append(("too-old", None, login, unit))
+                        changes.append(("too-old", None, login, unit, sender))
                     continue
                 kind, detail = self._grant(transaction, login, now)
                 if opens and isinstance(detail, Grant):
                     detail = open_session(grants, metadata, detail.address, login.session, min(login.time, now),
                                           bounds) or detail
-                changes.append((kind, detail, login, unit))
+                changes.append((kind, detail, login, unit, sender))
             if now >= self._next_sweep:
                 released = sweep_sessions(grants, metadata, now, bounds)
                 if released:
@@ -336,8 +349,8 @@ class Reader:
             except OSError as error:  # the store holds the cursor; the file is only a second copy
                 log.warning("cannot write the cursor file %s: %s", self.config.cursor_path, error)
         with held_lines():
-            for kind, detail, login, unit in changes:  # reported once committed
-                self._report(kind, login, unit, detail)
+            for kind, detail, login, unit, sender in changes:  # reported once committed
+                self._report(kind, login, unit, detail, sender)
             for why, source, count, released in ended:
                 self._report_sessions(why, source, count, released)
 
@@ -429,20 +442,21 @@ class Reader:
             self._denials_identity = identity
         return self._denials
 
-    def _report(self, kind: str, login: Login, unit: str | None, grant) -> None:
+    def _report(self, kind: str, login: Login, unit: str | None, grant, host: str | None = None) -> None:
         if kind == "denied":
             log_event(log, logging.INFO, events.LOGIN_DENIED,
                       "login from %s refused by the deny list: %s (%s); no grant", login.address, grant,
                       self.config.deny_file, address=login.address, source=login.source,
-                      unit=unit, user=login.user)
+                      unit=unit, user=login.user, host=host)
             return
         if kind == "over-limit":
-            self._warn_over_limit(login, grant, unit)
+            self._warn_over_limit(login, grant, unit, host)
             return
         if kind == "too-old":
             log_event(log, logging.INFO, events.LOGIN_TOO_OLD,
                       "login from %s at %s is older than the window; no grant",
-                      login.address, iso_time(login.time), address=login.address, source=login.source, unit=unit)
+                      login.address, iso_time(login.time), address=login.address, source=login.source, unit=unit,
+                      host=host)
             return
         if kind == "unchanged":
             log.debug("login from %s at %s changes nothing", login.address, iso_time(login.time))
@@ -452,13 +466,13 @@ class Reader:
         shown = grant.address if grant.address == login.address else f"{grant.address} ({login.address})"
         held = f", held open by {len(grant.sessions)} session{'s' if len(grant.sessions) > 1 else ''}" \
             if grant.held else ""
-        log_event(log, logging.INFO, event, "%s %s until %s (%s login%s)",
+        log_event(log, logging.INFO, event, "%s %s until %s (%s login%s%s)",
                   "granted" if kind == "granted" else "extended", shown, iso_time(grant.expires_at),
-                  login.source, held, address=grant.address, source=login.source, unit=unit,
-                  expires=grant.expires_at, user=login.user)
+                  login.source, f" at {host}" if host else "", held, address=grant.address, source=login.source,
+                  unit=unit, expires=grant.expires_at, user=login.user, host=host)
         log.debug("login by user %r from %s", login.user, login.address)
 
-    def _warn_over_limit(self, login: Login, others: list[str], unit: str | None) -> None:
+    def _warn_over_limit(self, login: Login, others: list[str], unit: str | None, host: str | None = None) -> None:
         """Once per account per window: a botnet with one password logs in from hundreds of addresses."""
         now = self.clock()
         warned = self._over_limit_warned.get(login.user)
@@ -473,7 +487,7 @@ class Reader:
                   "login from %s granted nothing: its user already holds live grants for %d addresses "
                   "([Grants] MaxAddressesPerUser=%d): %s", login.address, len(others),
                   self.config.max_addresses_per_user, " ".join(others), address=login.address,
-                  source=login.source, unit=unit, user=login.user)
+                  source=login.source, unit=unit, user=login.user, host=host)
 
     def status(self) -> str:
         parts = [f"watching {', '.join(source.name for source in self.sources)}"]
@@ -691,11 +705,35 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
     return os.EX_OK
 
 
-def journal_matches(config: Config, sources: list[Source]) -> list[str]:
-    """What the reader reads: the sources' entries and the administrative changes to its store."""
-    return [match for source in sources for match in source.journal_matches() + (
-        source.session_matches() if config.max_session_length else [])] + [
-        f"POPLOCK_STORE={config.store_path}"]
+def journal_matches(config: Config, sources: list[Source], sender: str | None = None) -> list[str]:
+    """What the reader reads of `sender`'s received journal (None: this host's own): the entries of
+    the sources that read it, and in this host's journal the administrative changes to its store."""
+    matches = [match for source in sources if source.reads_from(sender) for match in source.journal_matches() + (
+        source.session_matches() if config.max_session_length else [])]
+    return matches + [f"POPLOCK_STORE={config.store_path}"] if sender is None else matches
+
+
+def open_journals(config: Config, sources: list[Source], *, directory: str | None = None,
+                  files: list[str] | None = None):
+    """The reader's journals: this host's (or the one `directory`/`files` name instead), and with
+    [Reader] Directory= the journals received from the POP hosts the sources list (received.py).
+
+    Raises OSError (or ValueError) when a journal cannot be opened."""
+    local = JournalFollower(journal_matches(config, sources), directory=directory, files=files)
+    if not config.received_directory:
+        return local
+    from poplock.received import ReceivedJournals
+
+    if not os.path.isdir(config.received_directory):
+        local.close()
+        raise OSError(f"[Reader] Directory={config.received_directory}: no such directory (systemd-journal-remote "
+                      f"creates it when it starts)")
+
+    def matches_for(sender: str) -> list[str] | None:
+        return journal_matches(config, sources, sender) if any(
+            source.reads_from(sender) for source in sources) else None
+
+    return ReceivedJournals(config.received_directory, local, matches_for)
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -723,9 +761,8 @@ def main(argv: list[str] | None = None) -> int:
         _notify(f"STATUS=invalid configuration: {error.problems[0]}")
         return os.EX_CONFIG
     sources = [all_sources[name] for name in config.sources]
-    matches = journal_matches(config, sources)
     try:
-        follower = JournalFollower(matches, directory=arguments.directory, files=arguments.file)
+        follower = open_journals(config, sources, directory=arguments.directory, files=arguments.file)
     except (OSError, ValueError) as error:
         log.error("cannot open the journal: %s", error)
         return os.EX_NOINPUT

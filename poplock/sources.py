@@ -27,6 +27,7 @@ _COMM=tcpd) or missing.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import pwd
 import re
 from collections.abc import Iterable, Mapping
@@ -77,6 +78,12 @@ class Source:
     # Built-in default user names that do not exist on this machine (the source is not watched).
     unresolved_users: tuple[str, ...] = ()
     sessions: Sessions | None = None
+    # Hosts=: the POP hosts whose received journals it reads (received.py); empty: this host's journal.
+    hosts: frozenset[str] = frozenset()
+
+    def reads_from(self, sender: str | None) -> bool:
+        """Entries from `sender`'s received journal (None: this host's own) are this source's to read."""
+        return sender in self.hosts if sender is not None else not self.hosts
 
     def admits(self, entry: Mapping[str, str]) -> bool:
         """The entry is one of this source's candidates (by identifier or unit) and is trusted."""
@@ -151,7 +158,8 @@ def build_sources(config: Config, names: Iterable[str] | None = None) -> dict[st
                 f"(built in: {', '.join(SERVERS)}; or define it in a [Source:{name}] section)"
             )
             continue
-        source = _build_source(name, config.source_sections.get(name, []), name in config.sources, problems)
+        source = _build_source(name, config.source_sections.get(name, []), name in config.sources, problems,
+                               bool(config.received_directory))
         if source is not None:
             sources[name] = source
     if problems:
@@ -159,13 +167,15 @@ def build_sources(config: Config, names: Iterable[str] | None = None) -> dict[st
     return sources
 
 
-def _build_source(name: str, assignments, watched: bool, problems: list[str]) -> Source | None:
+def _build_source(name: str, assignments, watched: bool, problems: list[str],
+                  receives: bool = False) -> Source | None:
     server = SERVERS.get(name)
     identifiers = server.identifiers if server else ()
     units = server.units if server else ()
     users = server.users if server else ()
     login_users = server.login_users if server else ()
     users_from_section = login_users_from_section = False
+    hosts: set[str] = set()
     patterns = [(server_pattern, f"built-in {name}") for server_pattern in server.patterns] if server else []
     hint = (server.hint, f"built-in {name}") if server else None
     first_problem = len(problems)
@@ -183,6 +193,8 @@ def _build_source(name: str, assignments, watched: bool, problems: list[str]) ->
             patterns = patterns + [(item.value, item.place)] if item.value else []
         elif item.key == "Hint":
             hint = (item.value, item.place) if item.value else None
+        elif item.key == "Hosts":
+            hosts = _parse_hosts(name, item, receives, problems)
     place = assignments[-1].place if assignments else f"built-in source {name}"
     unresolved: list[str] = []
     uids = _resolve_users(name, "Users", users, users_from_section or watched, assignments, place, problems,
@@ -218,7 +230,28 @@ def _build_source(name: str, assignments, watched: bool, problems: list[str]) ->
     if len(problems) > first_problem:
         return None
     return Source(name, identifiers, units, frozenset(uids), tuple(compiled), compiled_hint,
-                  frozenset(login_uids), compiled_correlation, tuple(unresolved), compiled_sessions)
+                  frozenset(login_uids), compiled_correlation, tuple(unresolved), compiled_sessions,
+                  frozenset(hosts))
+
+
+def _parse_hosts(name: str, item, receives: bool, problems: list[str]) -> set[str]:
+    """Hosts=ADDRESS...: as systemd-journal-remote names their files (an IPv4-mapped IPv6 address
+    is the IPv4 one). Names are refused: a file is named after an address, never a name."""
+    hosts = set()
+    for word in item.value.split():
+        try:
+            address = ipaddress.ip_address(word)
+        except ValueError:
+            problems.append(f"{item.place}: [Source:{name}] Hosts: {word!r} is not an IP address (the received "
+                            f"journals are named after the sender's address)")
+            continue
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        hosts.add(str(address))
+    if hosts and not receives:
+        problems.append(f"{item.place}: [Source:{name}] Hosts: needs [Reader] Directory=, the directory where "
+                        f"the journals received from those hosts are written")
+    return hosts
 
 
 def _reads_a_login(pattern: re.Pattern, correlation) -> bool:

@@ -1,0 +1,197 @@
+"""poplock-reader on journals received by a real systemd-journal-remote ([Reader] Directory=).
+
+Each "POP host" is a loopback source address; journal-remote names its file after it,
+which is what [Source:NAME] Hosts= trusts. Entries carry whatever fields their sender
+wrote, so a forged _HOSTNAME, an unlisted sender and an administrative change inside a
+received journal must all count for nothing.
+"""
+
+import json
+import time
+
+import pytest
+from support.journalremote import JournalReceiver
+from support.poplock import ReaderProcess
+
+from poplock.received import decode_positions, encode_positions, sender_of
+
+POP_A, POP_B, UNLISTED = "127.0.0.5", "127.0.0.6", "127.0.0.7"
+
+
+def login(address: str, at: float, *, user: str = "alice", **fields) -> dict:
+    """Dovecot's login line as a POP host's journald records it under systemd."""
+    entry = {"__REALTIME_TIMESTAMP": int(at * 1e6), "SYSLOG_IDENTIFIER": "dovecot", "_SYSTEMD_UNIT": "dovecot.service",
+             "_UID": 0, "_PID": 801, "_TRANSPORT": "syslog", "PRIORITY": 6,
+             "MESSAGE": f"pop3-login: Login: user=<{user}>, method=PLAIN, rip={address}, lip=192.0.2.1, mpid=4242"}
+    entry.update(fields)
+    return entry
+
+
+def grants(setup) -> dict:
+    shown = setup.run("show", "--json", check=True).stdout.splitlines()
+    return {record["address"]: record for record in map(json.loads, shown) if record["kind"] == "grant"}
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    with JournalReceiver(tmp_path / "remote") as receiving:
+        yield receiving
+
+
+@pytest.fixture
+def aggregator(setup, receiver):
+    setup.write(extra=f"Sources=dovecot\nDirectory={receiver.directory}\n\n"
+                      f"[Source:dovecot]\nHosts={POP_A} {POP_B}\n")
+    return setup
+
+
+def test_received_file_names_give_the_sender_and_nothing_else_does():
+    assert sender_of("remote-10.123.0.11.journal") == "10.123.0.11"
+    assert sender_of("remote-10.123.0.11@0f1e2d-00000000000000a1-0005f1e2d3c4b5a6.journal") == "10.123.0.11"
+    assert sender_of("remote-::1.journal") == "::1"
+    assert sender_of("remote-2001:db8::5@ab-01-02.journal~") == "2001:db8::5"
+    for name in ("remote-popB.journal", "system.journal", "remote-10.0.0.1.journal.tmp", "remote-.journal",
+                 "user-1000.journal", "remote-10.0.0.256.journal"):
+        assert sender_of(name) is None, name
+
+
+def test_positions_survive_their_encoding_and_a_plain_cursor_is_this_hosts():
+    positions = {"local": "s=1;i=2;b=3", "10.0.0.1": "s=a;i=b", "2001:db8::1": "s=c;i=d"}
+    assert decode_positions(encode_positions(positions)) == positions
+    assert decode_positions("s=1;i=2;b=3;m=4;t=5;x=6") == {"local": "s=1;i=2;b=3;m=4;t=5;x=6"}
+    assert decode_positions(None) == {}
+
+
+def test_logins_count_only_from_listed_hosts_whatever_the_entries_say(aggregator, receiver):
+    now = time.time()
+    receiver.upload(POP_A, [login("192.0.2.10", now - 30, _HOSTNAME="popA")])
+    receiver.upload(POP_B, [login("192.0.2.11", now - 20, _HOSTNAME="popB")])
+    # An unlisted host claiming to be popA, and a listed one whose entry names another host: the
+    # file the receiver wrote is what counts.
+    receiver.upload(UNLISTED, [login("192.0.2.66", now - 10, _HOSTNAME="popA")])
+    receiver.upload(POP_B, [login("192.0.2.12", now - 5, _HOSTNAME="popA")])
+    # Untrusted by the source's own rule, as popA's journald recorded it: a user's `logger -t dovecot`.
+    receiver.upload(POP_A, [login("192.0.2.67", now - 4, _SYSTEMD_UNIT="user@1000.service", _UID=1000)])
+    for sender in (POP_A, POP_B, UNLISTED):
+        receiver.wait_for_file(sender)
+    result = aggregator.run_reader()
+    assert sorted(grants(aggregator)) == ["192.0.2.10", "192.0.2.11", "192.0.2.12"]
+    assert f"journal files from {UNLISTED}, which no [Source:NAME] Hosts= lists" in result.stderr
+    assert "granted 192.0.2.12 until" in result.stderr and "(dovecot login at 127.0.0.6)" in result.stderr
+
+
+def test_a_sender_without_hosts_is_this_hosts_journal_only(setup, receiver):
+    now = time.time()
+    receiver.upload(POP_A, [login("192.0.2.10", now - 30)])
+    receiver.wait_for_file(POP_A)
+    setup.write(extra=f"Sources=dovecot\nDirectory={receiver.directory}\n")  # no Hosts=
+    setup.run_reader()
+    assert grants(setup) == {}
+
+
+def test_hosts_without_a_directory_and_names_for_hosts_stop_start_up(setup):
+    setup.write(extra="Sources=dovecot\n\n[Source:dovecot]\nHosts=popA 10.0.0.1\n")
+    result = setup.run_reader(check=False)
+    assert result.returncode == 78
+    assert "[Source:dovecot] Hosts: 'popA' is not an IP address" in result.stderr
+    assert "[Source:dovecot] Hosts: needs [Reader] Directory=" in result.stderr
+
+
+def test_a_missing_received_directory_is_named(setup, tmp_path):
+    setup.write(extra=f"Sources=dovecot\nDirectory={tmp_path / 'nowhere'}\n\n[Source:dovecot]\nHosts={POP_A}\n")
+    result = setup.run_reader(check=False)
+    assert result.returncode == 66
+    assert f"[Reader] Directory={tmp_path / 'nowhere'}: no such directory" in result.stderr
+
+
+def test_an_entry_arriving_late_behind_another_senders_later_one_is_still_read(aggregator, receiver):
+    """One sd-journal over the directory skips it for good; one position per sender does not."""
+    now = time.time()
+    receiver.upload(POP_B, [login("192.0.2.20", now - 5)])
+    receiver.wait_for_file(POP_B)
+    with ReaderProcess(aggregator) as reader:
+        aggregator.wait_until_allowed("192.0.2.20")
+        # POP host A's uploader was behind: its entries are stamped before the one already read.
+        receiver.upload(POP_A, [login("192.0.2.21", now - 60), login("192.0.2.22", now - 50)])
+        aggregator.wait_until_allowed("192.0.2.21")
+        aggregator.wait_until_allowed("192.0.2.22")
+        receiver.upload(POP_B, [login("192.0.2.23", now - 40)])  # behind what B itself sent: B's own order
+        aggregator.wait_until_allowed("192.0.2.23")
+        assert reader.stop() == 0
+    positions = decode_positions(aggregator.cursor.read_text().strip())
+    assert {POP_A, POP_B} <= set(positions), positions
+
+
+def test_a_restart_or_kill_neither_loses_nor_replays_a_senders_logins(aggregator, receiver):
+    now = time.time()
+    receiver.upload(POP_A, [login(f"192.0.2.{n}", now - 100 + n, user=f"a{n}") for n in range(1, 11)])
+    receiver.upload(POP_B, [login(f"198.51.100.{n}", now - 100 + n, user=f"b{n}") for n in range(1, 11)])
+    receiver.wait_for_file(POP_A)
+    receiver.wait_for_file(POP_B)
+    with ReaderProcess(aggregator) as reader:
+        aggregator.wait_until_allowed("198.51.100.10")
+        aggregator.wait_until_allowed("192.0.2.10")
+        reader.kill()
+    # While it is down, both hosts go on; one of them far behind the other in time.
+    receiver.upload(POP_B, [login("198.51.100.50", now - 3)])
+    receiver.upload(POP_A, [login("192.0.2.50", now - 90)])
+    with ReaderProcess(aggregator, "-v") as reader:
+        aggregator.wait_until_allowed("192.0.2.50")
+        aggregator.wait_until_allowed("198.51.100.50")
+        reader.stop()
+    output = reader.output()
+    # Only the two new logins were read after the restart: nothing replayed.
+    assert output.count("granted ") == 2, output
+    assert len(grants(aggregator)) == 22
+
+
+def test_a_change_inside_a_received_journal_is_never_replayed(aggregator, receiver):
+    """A POP host can write any field, the administrative ones and this host's machine ID included."""
+    now = time.time()
+    with open("/etc/machine-id") as file:
+        machine_id = file.read().strip()
+    aggregator.run("add", "192.0.2.99", check=True)
+    forged = {"__REALTIME_TIMESTAMP": int(now * 1e6), "MESSAGE": "poplock: added 203.0.113.9",
+              "POPLOCK_STORE": str(aggregator.store), "POPLOCK_CHANGE": "add", "POPLOCK_CLIENT_ADDRESS": "203.0.113.9",
+              "_UID": 0, "_TRANSPORT": "journal", "_MACHINE_ID": machine_id, "SYSLOG_IDENTIFIER": "dovecot",
+              "_SYSTEMD_UNIT": "dovecot.service"}
+    receiver.upload(POP_A, [forged, login("192.0.2.10", now)])
+    receiver.wait_for_file(POP_A)
+    aggregator.run_reader()
+    assert "203.0.113.9" not in grants(aggregator)
+    assert "192.0.2.10" in grants(aggregator)
+    # The manual grant, journaled on this host, comes back in a rebuild from the journals.
+    aggregator.store.unlink()
+    aggregator.run_reader()
+    assert {"192.0.2.99", "192.0.2.10"} <= set(grants(aggregator))
+
+
+def test_sessions_of_two_hosts_are_their_own(aggregator, receiver):
+    """The same Dovecot pid and session id on two hosts: one's logout or restart ends only its own."""
+    now = time.time()
+
+    def imap(message: str, at: float, **fields) -> dict:
+        entry = {"__REALTIME_TIMESTAMP": int(at * 1e6), "SYSLOG_IDENTIFIER": "dovecot",
+                 "_SYSTEMD_UNIT": "dovecot.service", "_UID": 0, "_PID": 801, "_TRANSPORT": "syslog",
+                 "MESSAGE": message}
+        entry.update(fields)
+        return entry
+
+    def opened(address: str, at: float) -> dict:
+        return imap(f"imap-login: Login: user=<alice>, method=PLAIN, rip={address}, lip=192.0.2.1, mpid=4242, "
+                    f"session=<SAMESESSION1>", at)
+
+    aggregator.write(window="1min", extra=f"Sources=dovecot\nDirectory={receiver.directory}\n\n"
+                                          f"[Source:dovecot]\nHosts={POP_A} {POP_B}\n")
+    receiver.upload(POP_A, [opened("192.0.2.30", now - 300)])
+    receiver.upload(POP_B, [opened("192.0.2.31", now - 300)])
+    receiver.wait_for_file(POP_A)
+    receiver.wait_for_file(POP_B)
+    aggregator.run_reader()
+    held = grants(aggregator)
+    assert held["192.0.2.30"]["sessions"] == 1 and held["192.0.2.31"]["sessions"] == 1, held
+    # Host A's connection ends; B's, with the same pid and session id, stays open.
+    receiver.upload(POP_A, [imap("imap(alice)<4242><SAMESESSION1>: Logged out in=10 out=200", now - 200)])
+    aggregator.run_reader()
+    assert not aggregator.may_relay("192.0.2.30")
+    assert aggregator.may_relay("192.0.2.31") and grants(aggregator)["192.0.2.31"]["sessions"] == 1
