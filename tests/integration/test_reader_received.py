@@ -7,6 +7,7 @@ received journal must all count for nothing.
 """
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -195,3 +196,71 @@ def test_sessions_of_two_hosts_are_their_own(aggregator, receiver):
     aggregator.run_reader()
     assert not aggregator.may_relay("192.0.2.30")
     assert aggregator.may_relay("192.0.2.31") and grants(aggregator)["192.0.2.31"]["sessions"] == 1
+
+
+@pytest.fixture
+def small_receiver(tmp_path):
+    """A receiver writing to a 24 MiB tmpfs, where journal-remote rotates a sender's file every 512 KiB."""
+    directory = tmp_path / "remote"
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0755", "poplock-test-remote", str(directory)],
+                   check=True)
+    try:
+        with JournalReceiver(directory) as receiving:
+            yield receiving
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=True)
+
+
+def test_a_senders_rotated_and_vacuumed_files_are_followed_without_losing_a_login(setup, small_receiver):
+    receiver = small_receiver
+    setup.write(extra=f"Sources=dovecot\nDirectory={receiver.directory}\n\n[Source:dovecot]\nHosts={POP_A} {POP_B}\n")
+    now = time.time()
+    padding = "x" * 400  # fills the files faster: journal-remote rotates by size
+    logins = [login(f"10.{n // 250}.{n % 250}.1", now - 600 + n * 0.1, user=f"u{n}") for n in range(4000)]
+    receiver.upload(POP_B, [login("192.0.2.200", now - 700, user="b")])
+    receiver.wait_for_file(POP_B)
+    with ReaderProcess(setup) as reader:
+        for start in range(0, len(logins), 500):
+            chunk = logins[start:start + 500]
+            receiver.upload(POP_A, [dict(entry, PADDING=f"{padding}{n}") for n, entry in enumerate(chunk)])
+            if start == 2000:  # vacuum, once read: the oldest rotated file goes, as journalctl --vacuum-files does
+                last = chunk[-1]["MESSAGE"].partition("rip=")[2].partition(",")[0]
+                setup.wait_until_allowed(last, timeout=30)
+                rotated = sorted(receiver.directory.glob(f"remote-{POP_A}@*.journal"))
+                assert rotated, sorted(receiver.directory.iterdir())
+                rotated[0].unlink()
+        setup.wait_until_allowed("10.15.249.1", timeout=30)
+        assert reader.stop() == 0
+    files = sorted(path.name for path in receiver.directory.glob(f"remote-{POP_A}*.journal"))
+    assert len(files) >= 3, files  # the live file and at least two rotated ones
+    found = grants(setup)
+    assert len(found) == 4001, len(found)
+
+
+def test_two_readers_of_the_same_received_journals_reach_the_same_grants(tmp_path, receiver):
+    """The store is a function of the journals: either deciding host may be asked."""
+    from support.poplock import Setup
+
+    now = time.time()
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    first, second = Setup(tmp_path / "one"), Setup(tmp_path / "two")
+    for reader_setup in (first, second):
+        reader_setup.write(extra=f"Sources=dovecot\nDirectory={receiver.directory}\n\n"
+                                 f"[Source:dovecot]\nHosts={POP_A} {POP_B}\n")
+    receiver.upload(POP_A, [login(f"192.0.2.{n}", now - 300 + n, user=f"a{n}") for n in range(1, 40)])
+    receiver.wait_for_file(POP_A)
+    first.run_reader()  # the first reads A alone, then both; the second reads everything at once
+    receiver.upload(POP_B, [login(f"192.0.2.{n}", now - 320 + n, user=f"b{n}") for n in range(20, 60)])
+    receiver.upload(POP_A, [login(f"198.51.100.{n}", now - 200 + n, user=f"a{n}") for n in range(1, 30)])
+    receiver.wait_for_file(POP_B)
+    first.run_reader()
+    second.run_reader()
+
+    def comparable(found):
+        return {address: (record["expires"], record.get("user"), record.get("source")) for address, record in
+                found.items()}
+
+    assert comparable(grants(first)) == comparable(grants(second))
+    assert len(grants(first)) == 39 + 40 + 29 - 20
