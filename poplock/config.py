@@ -131,6 +131,49 @@ def _socketmap_maps(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(maps)
 
 
+MAX_UNIX_SOCKET_PATH = 107  # bytes: sun_path holds 108 with its NUL
+
+
+def _relaylock_server(text: str) -> str:
+    """Where relaylock asks instead of the local store: "" (nowhere), IPV4:PORT, [IPV6]:PORT or
+    an absolute unix socket path; addresses in their canonical spelling, so `poplock config` shows it."""
+    where = text.strip()
+    if not where:
+        return ""
+    if where.startswith("/"):
+        if len(where.encode()) > MAX_UNIX_SOCKET_PATH:
+            raise ValueError(f"a unix socket path is at most {MAX_UNIX_SOCKET_PATH} bytes")
+        return where
+    host, colon, port = where.rpartition(":")
+    if not colon or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError("expected ADDRESS:PORT, [IPV6-ADDRESS]:PORT or an absolute unix socket path")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if ":" in host and not bracketed:
+        raise ValueError("an IPv6 address goes in brackets, as in [2001:db8::25]:7025")
+    from poplock.addresses import normalize_address  # only when a server is set
+
+    try:
+        address = normalize_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        raise ValueError(f"{host or 'nothing'} is not an IP address (a host name is not taken: looking it up "
+                         "could take longer than ServerTimeout=)") from None
+    return f"[{address}]:{int(port)}" if ":" in address else f"{address}:{int(port)}"
+
+
+def _map_name(text: str) -> str:
+    name = text.strip()
+    if not name or len(name) > 64 or not set(name) <= _MAP_NAME_CHARACTERS:
+        raise ValueError("expected a map name of up to 64 letters, digits, '_', '.' and '-', such as poplock")
+    return name
+
+
+def _server_timeout(text: str) -> float:
+    seconds = parse_timespan(text)
+    if not 0 < seconds <= 5:
+        raise ValueError("must be longer than 0 and at most 5s: every SMTP connection may wait this long")
+    return seconds
+
+
 class Setting:
     """One setting: where it lives, how its value is read, its default and a line of help."""
 
@@ -188,6 +231,14 @@ SETTINGS = (
             "remote-ADDRESS.journal), read besides this host's journal; only sources with Hosts= read them."),
     Setting("Relaylock", "RelayClient", "relay_client", _relay_client, "",
             "The value relaylock gives RELAYCLIENT for an allowed client (qpsmtpd needs a non-empty one)."),
+    Setting("Relaylock", "Server", "relaylock_server", _relaylock_server, "",
+            "On a host without the store: the poplock-socketmap relaylock asks instead, as ADDRESS:PORT, "
+            "[IPV6-ADDRESS]:PORT or a unix socket path; empty: read the local store."),
+    Setting("Relaylock", "ServerMap", "relaylock_server_map", _map_name, "poplock",
+            "The map name relaylock asks that server for (one of its [Socketmap] Maps=)."),
+    Setting("Relaylock", "ServerTimeout", "relaylock_server_timeout", _server_timeout, "100ms",
+            "How long relaylock waits for that server's answer, from connecting to the end of the reply; "
+            "then the SMTP server runs without RELAYCLIENT."),
     Setting("Policy", "Action", "policy_action", _policy_action, "OK",
             "What poplock-policy answers Postfix for a client that may relay; others get DUNNO."),
     Setting("Policy", "Header", "policy_header", _header_name, "",

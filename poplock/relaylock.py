@@ -7,7 +7,9 @@ connection by a systemd Accept=yes socket, tcpserver or inetd. The client addres
 getpeername() of standard input when that is an inet socket, else $REMOTE_ADDR
 (systemd), else $TCPREMOTEIP (tcpserver). A client with a live grant or in the static
 allow list gets RELAYCLIENT (empty unless configured: qpsmtpd needs a true value);
-any other client has an inherited RELAYCLIENT removed. Then PROGRAM always runs:
+any other client has an inherited RELAYCLIENT removed. On a host without the store,
+[Relaylock] Server= names a poplock-socketmap to ask instead (ask_server), for at most
+ServerTimeout= in all; the static allow list is still this host's. Then PROGRAM always runs:
 whatever goes wrong here grants nothing, is told in one line on standard error, and
 mail keeps flowing. Standard output is the client's connection: nothing is written to it.
 
@@ -18,6 +20,7 @@ own modules are imported only inside the decision, so that even a broken install
 still execs the server.
 """
 
+import _socket
 import posix
 import sys
 
@@ -74,19 +77,105 @@ def find_address(environment: dict) -> str:
 
 def decide(config_path: str | None, relay_client: str | None, address: str):
     """(RELAYCLIENT value or None, the event, log message, the account). Raises on any failure."""
+    from poplock.config import load_config
+
+    config = load_config(config_path, sections=("Grants", "Store", "Relaylock"))
+    value = relay_client if relay_client is not None else config.relay_client
+    if config.relaylock_server:
+        return decide_remotely(config, value, address)
     import time
 
     from poplock import events
     from poplock.access import check_relay_in_files, describe, grant_user
-    from poplock.config import load_config
 
-    config = load_config(config_path, sections=("Grants", "Store", "Relaylock"))
     now = time.time()
     decision = check_relay_in_files(config, address, now)
-    value = relay_client if relay_client is not None else config.relay_client
     if decision.allowed:
         return value, events.RELAY_ALLOWED, describe(decision, now), grant_user(decision)
     return None, events.RELAY_REFUSED, describe(decision, now), None
+
+
+def decide_remotely(config, value: str, address: str):
+    """decide() on a host without the store: the static allow list here, then the answer of the
+    poplock-socketmap at [Relaylock] Server=, which makes the rest of the decision (its store,
+    its deny list, its fresh look). The local store and poplock-reader are never asked."""
+    from poplock import events
+    from poplock.addresses import find_network, load_allow_list
+
+    network = find_network(load_allow_list(config.static_allow_file), address)
+    if network is not None:
+        return value, events.RELAY_ALLOWED, f"relay allowed for {address}: static network {network.text}", None
+    server = config.relaylock_server
+    status, _ = ask_server(server, config.relaylock_server_map, address, config.relaylock_server_timeout)
+    if status == "OK":
+        return value, events.RELAY_ALLOWED, f"relay allowed for {address}: server {server} answers OK", None
+    return None, events.RELAY_REFUSED, f"no relay for {address}: server {server} answers NOTFOUND", None
+
+
+MAX_REPLY_BYTES = 4096  # poplock-socketmap's replies are OK and a value of up to 200 characters
+
+
+def ask_server(server: str, name: str, address: str, timeout: float) -> tuple[str, str]:
+    """("OK", value) or ("NOTFOUND", "") from the socketmap server at `server` (ADDRESS:PORT,
+    [IPV6]:PORT or a unix socket path), asked `NAME ADDRESS` within `timeout` seconds in all.
+    LookupError, naming the server, for anything else: TEMP, PERM, no answer in time, a
+    refused connection, bytes that are no reply."""
+    import time
+
+    from poplock.errors import ProtocolError
+    from poplock.socketmapprotocol import format_request, parse_reply
+
+    deadline = time.monotonic() + timeout
+    if server.startswith("/"):
+        connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        where = server
+    else:
+        host, _, port = server.rpartition(":")
+        connection = _socket.socket(_socket.AF_INET6 if host.startswith("[") else _socket.AF_INET,
+                                    _socket.SOCK_STREAM)
+        where = (host.strip("[]"), int(port))
+    try:
+        connection.settimeout(timeout)
+        connection.connect(where)
+        connection.sendall(format_request(name, address))
+        reply = b""
+        while (size := _reply_size(reply)) is None or len(reply) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            connection.settimeout(remaining)
+            data = connection.recv(MAX_REPLY_BYTES)
+            if not data:
+                raise LookupError(f"server {server} closed the connection without answering" +
+                                  (f" (after {reply[:40]!r})" if reply else ""))
+            reply += data
+        # what follows a whole reply is ignored; a reply not ended where its length says is shown whole
+        status, text = parse_reply(reply[:size] if reply[size - 1:size] == b"," else reply)
+    except TimeoutError:
+        raise LookupError(f"server {server} did not answer within {round(timeout * 1000)}ms") from None
+    except ConnectionRefusedError:
+        raise LookupError(f"server {server} refused the connection (is poplock-socketmap running there?)") from None
+    except OSError as error:
+        raise LookupError(f"cannot ask server {server}: {error.strerror or error}") from None
+    except ProtocolError as error:
+        raise LookupError(f"server {server} sent a bad reply: {error}") from None
+    finally:
+        connection.close()
+    if status in ("OK", "NOTFOUND"):
+        return status, text
+    raise LookupError(f"server {server} answered {status} {text[:200]!r}")
+
+
+def _reply_size(data: bytes) -> int | None:
+    """The size of the netstring `data` starts with, once its length has arrived (None before);
+    len(data) when it cannot be the start of a reply, for parse_reply to say why."""
+    colon = data.find(b":", 0, 8)
+    if colon < 0:
+        return None if len(data) < 7 and (not data or data.isdigit()) else len(data)
+    digits = data[:colon]
+    if not digits.isdigit() or int(digits) > MAX_REPLY_BYTES:
+        return len(data)
+    return colon + 1 + int(digits) + 1
 
 
 def report(message: str, event=None, address: str | None = None, priority: int = 6, user: str | None = None) -> None:

@@ -131,3 +131,61 @@ def test_the_shipped_configuration_uncommented_gives_the_defaults(tmp_path):
     config = load_config(str(write(tmp_path / "poplock.conf", active)))
     for setting in SETTINGS:
         assert getattr(config, setting.attribute) == setting.parse(setting.default)
+
+def relaylock_config(tmp_path: Path, text: str):
+    return load_config(str(write(tmp_path / "poplock.conf", f"[Relaylock]\n{text}\n")),
+                       sections=("Grants", "Store", "Relaylock"))
+
+
+def test_relaylock_reads_the_local_store_unless_a_server_is_set(tmp_path):
+    config = relaylock_config(tmp_path, "")
+    assert (config.relaylock_server, config.relaylock_server_map) == ("", "poplock")
+    assert config.relaylock_server_timeout == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("written, kept", [
+    ("192.0.2.25:7025", "192.0.2.25:7025"),
+    ("192.0.2.25:07025", "192.0.2.25:7025"),
+    ("[2001:DB8:0:0::25]:7025", "[2001:db8::25]:7025"),
+    ("[::ffff:192.0.2.25]:7025", "192.0.2.25:7025"),
+    ("[192.0.2.25]:7025", "192.0.2.25:7025"),
+    (" /run/poplock-socketmap.sock ", "/run/poplock-socketmap.sock"),
+])
+def test_a_relaylock_server_is_kept_in_one_spelling(tmp_path, written, kept):
+    assert relaylock_config(tmp_path, f"Server={written}").relaylock_server == kept
+
+
+@pytest.mark.parametrize("written, complaint", [
+    ("mail.example.org:7025", "mail.example.org is not an IP address (a host name is not taken"),
+    ("2001:db8::25:7025", "an IPv6 address goes in brackets"),
+    ("192.0.2.25", "expected ADDRESS:PORT, [IPV6-ADDRESS]:PORT or an absolute unix socket path"),
+    ("192.0.2.25:", "expected ADDRESS:PORT"),
+    (":7025", "nothing is not an IP address"),
+    ("192.0.2.25:65536", "expected ADDRESS:PORT"),
+    ("192.0.2.25:\u0663", "expected ADDRESS:PORT"),
+    ("run/poplock-socketmap.sock", "expected ADDRESS:PORT"),
+    ("/" + "x" * 107, "a unix socket path is at most 107 bytes"),
+])
+def test_an_invalid_relaylock_server_is_refused_with_its_place(tmp_path, written, complaint):
+    with pytest.raises(ConfigError) as raised:
+        relaylock_config(tmp_path, f"Server={written}")
+    [problem] = raised.value.problems
+    assert problem.startswith(f"{tmp_path / 'poplock.conf'}:2: [Relaylock] Server={written.strip()}: {complaint}")
+
+
+@pytest.mark.parametrize("timeout, seconds", [("1ms", 0.001), ("250ms", 0.25), ("5s", 5)])
+def test_the_server_timeout_may_be_from_above_zero_to_five_seconds(tmp_path, timeout, seconds):
+    assert relaylock_config(tmp_path, f"ServerTimeout={timeout}").relaylock_server_timeout == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("timeout", ["0", "0ms", "5.5s", "1min", "soon"])
+def test_a_server_timeout_of_zero_or_over_five_seconds_is_refused(tmp_path, timeout):
+    with pytest.raises(ConfigError, match=rf":2: \[Relaylock\] ServerTimeout={timeout}: "):
+        relaylock_config(tmp_path, f"ServerTimeout={timeout}")
+
+
+@pytest.mark.parametrize("name", ["", "pop lock", "x" * 65, "pop:lock"])
+def test_a_server_map_that_cannot_be_a_map_name_is_refused(tmp_path, name):
+    with pytest.raises(ConfigError, match=r"\[Relaylock\] ServerMap=.*: expected a map name"):
+        relaylock_config(tmp_path, f"ServerMap={name}")
+
