@@ -431,11 +431,14 @@ def command_rebuild(config: Config, arguments) -> int:
     return os.EX_OK
 
 
+EXPIRED_EVENTS_MAX = 1000  # grant-expired events per `poplock expire` run; the rest in one
+
+
 def command_expire(config: Config, arguments) -> int:
     now = time.time()
 
     def purge(transaction):
-        expired = [grant for _, grant in transaction.grants.items() if not grant.is_live(now)]
+        expired = transaction.grants.not_live(now)
         by_user: dict[str, set[str]] = {}
         for grant in expired:
             del transaction.grants[grant.address]
@@ -446,10 +449,16 @@ def command_expire(config: Config, arguments) -> int:
         return expired, len(transaction.grants)
 
     expired, remaining = change_store(config, purge)
-    for grant in expired:
+    # One event per grant, up to a point: purging a tenth of a million grants must not write
+    # a hundred thousand journal entries (each grant's expiry is in its granted event anyway).
+    for grant in expired[:EXPIRED_EVENTS_MAX]:
         log_event(log, logging.INFO, events.GRANT_EXPIRED, "grant for %s expired at %s", grant.address,
                   iso_time(grant.expires_at), address=grant.address, source=grant.source,
                   expires=grant.expires_at)
+    if len(expired) > EXPIRED_EVENTS_MAX:
+        log_event(log, logging.INFO, events.GRANT_EXPIRED, "%d more expired grants purged (one event each is "
+                  "logged for the first %d)", len(expired) - EXPIRED_EVENTS_MAX, EXPIRED_EVENTS_MAX,
+                  store=None)
     print(f"purged {len(expired)} expired grants; {remaining} remain")
     return os.EX_OK
 

@@ -511,3 +511,28 @@ def test_a_base_is_readable_by_the_other_users_of_the_store_whatever_the_umask(t
         os.umask(old)
     base = next(tmp_path.glob("grants.db.base-*"))
     assert base.stat().st_mode & 0o777 == 0o640
+
+
+def test_the_grants_not_live_are_found_in_the_base_and_the_top_alike(tmp_path):
+    """`poplock expire`'s scan decodes only the base's grants that are not live: it must find what
+    decoding every grant finds."""
+    path = tmp_path / "grants.db"
+    writer = StoreWriter(str(path))
+    now = time.time()
+    with writer.transaction() as transaction:  # big enough to be merged into a base
+        for index, address in enumerate(_addresses(5000)):
+            login_at = int(now) - (3600 if index % 7 == 0 else 60)
+            transaction.grants[address] = Grant(address, login_at + 1800, login_at, "dovecot", f"u{index}")
+        transaction.grants["10.20.0.3"] = Grant("10.20.0.3", int(now) + 7200, int(now) + 3600, "dovecot")  # future
+    with writer.transaction() as transaction:  # the top: a live grant over an expired base one, and the reverse
+        transaction.grants["10.20.0.0"] = grant("10.20.0.0")
+        transaction.grants["10.20.0.1"] = Grant("10.20.0.1", int(now) - 1, int(now) - 1801, "dovecot")
+        transaction.grants["192.0.2.1"] = Grant("192.0.2.1", int(now) - 5, int(now) - 1805, "dovecot")
+        del transaction.grants["10.20.0.14"]
+    with writer.transaction() as transaction:
+        found = sorted(grant.address for grant in transaction.grants.not_live(now))
+        every = sorted(address for address, grant in transaction.grants.items() if not grant.is_live(now))
+    assert found == every
+    assert "10.20.0.3" in found and "10.20.0.1" in found and "192.0.2.1" in found
+    assert "10.20.0.0" not in found and "10.20.0.14" not in found and "10.20.0.7" in found
+    assert len(found) == len([index for index in range(5000) if index % 7 == 0]) - 2 + 3

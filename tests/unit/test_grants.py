@@ -9,6 +9,7 @@ from poplock.grants import (
     grant_for_login,
     merge_grant,
     split_expired,
+    value_is_live,
 )
 
 LOGIN_AT = 1_795_699_814
@@ -118,3 +119,20 @@ def test_a_grant_longer_than_any_poplock_writes_allows_nothing_and_is_replaced_b
     assert not damaged.is_live(LOGIN_AT + 1)
     login = grant_for_login("192.0.2.7", LOGIN_AT + 1, 1800, "dovecot")
     assert merge_grant(damaged, login, LOGIN_AT + 1) == login
+
+
+@pytest.mark.parametrize("grant", [
+    Grant("192.0.2.7", LOGIN_AT + 1800, LOGIN_AT, "dovecot"),
+    Grant("192.0.2.7", LOGIN_AT + 1800, LOGIN_AT, "dovecot", "alice"),
+    Grant("192.0.2.7", LOGIN_AT + 7200, LOGIN_AT, "dovecot", "alice", (("dovecot:42/AB", LOGIN_AT),), LOGIN_AT + 1800),
+    Grant("192.0.2.7", LOGIN_AT + MAX_GRANT_LENGTH + 1, LOGIN_AT, "manual"),  # longer than any grant can be
+])
+@pytest.mark.parametrize("offset", [-1, 0, 1, 1799, 1800, 7199, 7200, MAX_GRANT_LENGTH + 1])
+def test_an_encoded_grant_is_live_exactly_when_its_decoded_grant_is(grant, offset):
+    now = LOGIN_AT + offset
+    assert value_is_live(encode_grant(grant), now) == grant.is_live(now)
+
+
+@pytest.mark.parametrize("value", [b"", b"1", b"1 x 5 dovecot", b"9 99999999999 0", b"2 17 "])
+def test_an_encoded_grant_that_cannot_be_read_is_not_live(value):
+    assert value_is_live(value, LOGIN_AT) is False
