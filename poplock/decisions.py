@@ -100,7 +100,9 @@ class ReaderSync:
 
     One question is in flight at a time; refusals that come while it is answer after the
     next one, since their login may have been logged after the read began: a flood of
-    refusals costs the reader one read per round trip, not one each. A reader that does
+    refusals costs the reader one read per round trip, not one each. The questions go over
+    one connection kept open (a line `sync` each, a line `ok` back), made again after a
+    failure: a new connection per question cost more than the question. A reader that does
     not answer within ReaderWait= leaves the store as it is."""
 
     def __init__(self, path: str, wait: float, warnings: Warnings, on_read=None):
@@ -111,6 +113,7 @@ class ReaderSync:
         self.asked = 0  # questions sent to the reader (for the benchmark and the status)
         self._next: list = []  # (callback, future) waiting for the next read
         self._in_flight = False
+        self._link: _ReaderLink | None = None
 
     def then(self, callback):
         """A future of callback()'s result, called once the reader has read (or the wait is over)."""
@@ -128,21 +131,20 @@ class ReaderSync:
         task.add_done_callback(lambda _: self._answered(waiting))
 
     async def _exchange(self) -> None:
-        writer = None
         try:
             async with asyncio.timeout(self.wait):
-                reader, writer = await asyncio.open_unix_connection(self.path)
-                writer.write(b"sync\n")
-                answer = await reader.readline()
-            if answer != b"ok\n":
+                if self._link is None or self._link.lost:
+                    _, self._link = await asyncio.get_running_loop().create_unix_connection(_ReaderLink, self.path)
+                answer = await self._link.ask()
+            if answer != b"ok":
                 raise ConnectionError(f"it answered {answer[:40]!r}")
         except (OSError, TimeoutError, ConnectionError) as error:
+            if self._link is not None:  # its state is unknown now: the next question makes a new one
+                self._link.close()
+                self._link = None
             self.warnings.warn("reader silent", "poplock-reader did not read the journal for a refusal within "
                                "[Store] ReaderWait=%s (%s): deciding from the store as it is",
                                describe_span(self.wait), getattr(error, "strerror", None) or error or "no answer")
-        finally:
-            if writer is not None:
-                writer.close()
 
     def _answered(self, waiting: list) -> None:
         self._in_flight = False
@@ -153,3 +155,55 @@ class ReaderSync:
                 future.set_result(callback())
         if self._next:
             self._ask()
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
+
+class _ReaderLink(asyncio.Protocol):
+    """The connection to poplock-reader's ReaderSocket=: one question at a time, its answer a line."""
+
+    MAX_ANSWER = 64  # bytes: "ok" or "error"; anything longer is not the reader
+
+    def __init__(self):
+        self.transport = None
+        self.lost = False
+        self._buffer = b""
+        self._answer: asyncio.Future | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def ask(self) -> asyncio.Future:
+        self._answer = asyncio.get_running_loop().create_future()
+        self.transport.write(b"sync\n")
+        return self._answer
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        line, newline, rest = self._buffer.partition(b"\n")
+        if not newline:
+            if len(self._buffer) > self.MAX_ANSWER:
+                self._fail(ConnectionError("it sent a line too long to be an answer"))
+            return
+        self._buffer = rest
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(line)
+        else:  # an answer to no question: not the reader's protocol
+            self._fail(ConnectionError(f"it sent {line[:40]!r} unasked"))
+
+    def connection_lost(self, error) -> None:
+        self._fail(error or ConnectionError("it closed the connection"))
+
+    def _fail(self, error: Exception) -> None:
+        self.lost = True
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(error)
+        self.close()
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.close()

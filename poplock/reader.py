@@ -500,10 +500,15 @@ class Reader:
 
 class SyncListener:
     """[Store] ReaderSocket=: a decision that finds no grant asks here for the journal to be
-    read up to now, and waits for "ok" (connection.ask_reader). Questions that arrive
-    together are answered by one read: a flood of refusals costs one read per turn of the
-    loop, not one each. Anyone may ask (mode 0666): an answer reveals nothing, and a read
-    that finds nothing new costs next to nothing."""
+    read up to now, with a line `sync`, and waits for the line `ok` (connection.ask_reader,
+    decisions.ReaderSync). Questions that arrive together are answered by one read: a flood
+    of refusals costs one read per turn of the loop, not one each. A connection may stay
+    open for further questions (the decision services keep theirs). Anyone may ask (mode
+    0666): an answer reveals nothing, and a read that finds nothing new costs next to
+    nothing; so the connections kept are bounded, the longest quiet closed first."""
+
+    MAX_CONNECTIONS = 256
+    MAX_PENDING = 4096  # bytes of questions a connection may have sent unanswered
 
     def __init__(self, path: str):
         import socket
@@ -520,33 +525,78 @@ class SyncListener:
         os.chmod(path, 0o666)
         self.socket.listen(socket.SOMAXCONN)
         self.socket.setblocking(False)
+        self._connections: dict[int, object] = {}  # descriptor -> connection, the longest quiet first
+        self._questions: dict[int, int] = {}  # descriptor -> questions it waits the answers of
 
     def fileno(self) -> int:
         return self.socket.fileno()
 
-    def accept_all(self) -> list:
-        waiting = []
+    def filenos(self) -> list[int]:
+        """The listening socket and every connection kept: any of them readable may bring a question."""
+        return [self.socket.fileno(), *self._connections]
+
+    def take_questions(self, readable) -> bool:
+        """Accept new connections and read the questions of those `readable`; True if one came."""
+        if self.socket.fileno() in readable:
+            self._accept_all()
+        for fd in [fd for fd in readable if fd in self._connections]:
+            self._read(fd)
+        return bool(self._questions)
+
+    def _accept_all(self) -> None:
         while True:
             try:
                 connection, _ = self.socket.accept()
             except (BlockingIOError, InterruptedError):
-                return waiting
+                return
             except OSError:  # out of descriptors, say: answer those already taken
-                return waiting
-            connection.settimeout(0.05)
-            waiting.append(connection)
+                return
+            connection.setblocking(False)
+            if len(self._connections) >= self.MAX_CONNECTIONS:
+                self._drop(next(iter(self._connections)))
+            self._connections[connection.fileno()] = connection
+            self._read(connection.fileno())  # a one-shot asker has sent its question already
 
-    @staticmethod
-    def answer(waiting: list, answer: bytes) -> None:
-        for connection in waiting:
+    def _read(self, fd: int) -> None:
+        connection = self._connections[fd]
+        try:
+            data = connection.recv(self.MAX_PENDING)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(fd)
+            return
+        if not data:
+            self._drop(fd)
+            return
+        count = data.count(b"\n")
+        if count:
+            self._questions[fd] = self._questions.get(fd, 0) + count
+            self._connections[fd] = self._connections.pop(fd)  # the most recently heard from last
+
+    def answer(self, answer: bytes) -> None:
+        """Answer every question taken, one line each."""
+        questions, self._questions = self._questions, {}
+        for fd, count in questions.items():
+            connection = self._connections.get(fd)
+            if connection is None:
+                continue
             try:
-                connection.sendall(answer)
-            except OSError:
-                pass  # gone, or it stopped waiting
-            finally:
-                connection.close()
+                sent = connection.send(answer * count)
+            except OSError:  # gone, or it stopped waiting
+                sent = -1
+            if sent != len(answer) * count:  # a full buffer: it is not reading its answers
+                self._drop(fd)
+
+    def _drop(self, fd: int) -> None:
+        connection = self._connections.pop(fd, None)
+        self._questions.pop(fd, None)
+        if connection is not None:
+            connection.close()
 
     def close(self) -> None:
+        for fd in list(self._connections):
+            self._drop(fd)
         self.socket.close()
         try:
             os.unlink(self.path)
@@ -620,6 +670,7 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
     """
     stop = _Stop()
     reader.restore_position()
+    sync = _open_sync_listener(reader.config) if not once else None  # answering once READY= is sent
     status = reader.status()
     reader.notify("READY=1\nSTATUS=" + status)
     log_event(log, logging.INFO, events.READER_STARTED, "following the journal for %s",
@@ -629,8 +680,7 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
     attempt = 0
     writer = reader.writer
     merging = None  # the descriptor that turns readable when a merge into a new base is done
-    sync = _open_sync_listener(reader.config) if not once else None
-    waiting: list = []  # decisions waiting for the journal to be read up to now
+    waiting = False  # decisions wait for the journal to be read up to now
     last_reopen = 0.0
     while not stop.requested:
         pause = None
@@ -647,13 +697,13 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
                     last_reopen = time.monotonic()
                     follower.reopen(reader.cursor, reader.clock() - reader.config.window)
                     reader.process_available()
-                sync.answer(waiting, b"ok\n")
-                waiting = []
+                sync.answer(b"ok\n")
+                waiting = False
             writer.sync_directory()
         except (StoreError, JournalError, OSError) as error:  # store, cursor file or journal trouble
             if waiting:
-                sync.answer(waiting, b"error\n")  # they decide from the store as it is
-                waiting = []
+                sync.answer(b"error\n")  # they decide from the store as it is
+                waiting = False
             event = events.STORE_BUSY if isinstance(error, StoreBusyError) else events.STORE_FAILED
             log_event(log, logging.ERROR, event, "%s; will retry from the last committed position", error)
             if once:
@@ -680,12 +730,12 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
         recheck = reader.config.recheck_interval if pause is None and reader.config.recheck_interval else None
         timeout = _wait_timeout(pause, status_due, watchdog / 2 if watchdog else None, recheck)
         watched = [follower.fileno(), stop.read_fd] + ([merging] if merging is not None else []) + (
-            [sync.fileno()] if sync is not None else [])
+            sync.filenos() if sync is not None else [])
         readable, _, _ = select.select(watched, [], [], timeout)
         if stop.read_fd in readable:
             stop.drain()
-        if sync is not None and sync.fileno() in readable:
-            waiting = sync.accept_all()  # read at the top of the loop, then answered
+        if sync is not None:
+            waiting = sync.take_questions(readable)  # read at the top of the loop, then answered
         if merging is not None and merging in readable:
             merging = None
             try:

@@ -101,3 +101,80 @@ def test_with_the_reader_down_a_refusal_comes_within_the_wait_and_mail_flows(fre
                             capture_output=True, text=True, timeout=30)
     assert result.stdout == "ran unset\n"
     assert time.monotonic() - started < 10  # bounded; the exact bound is a benchmark's business
+
+
+def ask(connection: socket.socket) -> bytes:
+    """The reader's answer to one question; b"" when it has closed the connection."""
+    try:
+        connection.sendall(b"sync\n")
+    except (BrokenPipeError, ConnectionResetError):
+        return b""
+    answer = b""
+    while not answer.endswith(b"\n"):
+        data = connection.recv(64)
+        if not data:
+            return answer
+        answer += data
+    return answer
+
+
+def test_a_connection_to_the_reader_stays_open_for_further_questions(fresh):
+    with ReaderProcess(fresh):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(10)
+            connection.connect(str(fresh.directory / "reader.sock"))
+            for address in ("10.85.0.1", "10.85.0.2", "10.85.0.3"):
+                logged_and_readable(fresh, address)
+                assert ask(connection) == b"ok\n"
+                assert fresh.may_relay(address)  # read and committed before the answer
+            connection.sendall(b"sync\nsync\n")  # two at once: two answers
+            answer = b""
+            while answer.count(b"\n") < 2:
+                answer += connection.recv(64)
+            assert answer == b"ok\nok\n"
+
+
+def test_the_reader_keeps_a_bounded_number_of_connections_the_quietest_closed_first(fresh):
+    from poplock.reader import SyncListener
+
+    with ReaderProcess(fresh) as reader:
+        path = str(fresh.directory / "reader.sock")
+        idle = []
+        for _ in range(SyncListener.MAX_CONNECTIONS + 20):  # anyone may connect: none may hold it hostage
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            connection.settimeout(10)
+            connection.connect(path)
+            idle.append(connection)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as asking:
+            asking.settimeout(10)
+            asking.connect(path)
+            assert ask(asking) == b"ok\n"
+        assert ask(idle[0]) == b""  # the first of them was closed to make room
+        assert ask(idle[-1]) == b"ok\n"
+        for connection in idle:
+            connection.close()
+        assert reader.process.poll() is None
+
+
+def test_the_policy_service_asks_over_one_connection_and_makes_another_when_the_reader_restarts(fresh):
+    """A restarted reader closed the kept connection: the next refusal connects again, and at most
+    the question in flight then is lost (answered from the store as it is)."""
+    with PolicyProcess(fresh) as policy:
+        connection = socket.create_connection(("127.0.0.1", policy.port), timeout=10)
+        replies = connection.makefile("rb")
+
+        def action(address: str) -> bytes:
+            connection.sendall(f"request=smtpd_access_policy\nclient_address={address}\n\n".encode())
+            answer = replies.readline()
+            assert replies.readline() == b"\n"
+            return answer
+
+        for round_number in range(2):
+            with ReaderProcess(fresh):
+                if round_number == 1:
+                    action("10.86.9.9")  # finds the connection closed by the restart: may be lost
+                for index in range(5):
+                    address = f"10.86.{round_number}.{index}"
+                    logged_and_readable(fresh, address)
+                    assert action(address) == b"action=OK\n", (round_number, index)
+        connection.close()
