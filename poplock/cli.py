@@ -9,7 +9,9 @@
     poplock check ADDRESS            exit 0 if that client may relay now, 1 if not
     poplock rebuild                  rebuild the store from the journal (done by itself when it is damaged)
     poplock scan [...]               print the logins the journal holds, touching nothing
+    poplock stats [...]              live grants, and logins and relays over a period (stats.py)
     poplock config                   check the configuration and print it in effect
+    poplock doctor [...]             check the running system, one line per check
 
 Administrative changes are also logged to the journal with their MESSAGE_IDs and the
 store's path, and poplock-reader replays them from there (changes.py): a store rebuilt
@@ -31,6 +33,7 @@ from poplock import events
 from poplock.access import check_relay_in_files
 from poplock.addresses import grant_key, load_allow_list, load_deny_list, normalize_address
 from poplock.arguments import ArgumentParser, join_dash_values
+from poplock.doctor import add_doctor_command
 from poplock.config import SETTINGS, Config, load_config
 from poplock.errors import (
     AddressError,
@@ -43,6 +46,7 @@ from poplock.errors import (
     StoreError,
 )
 from poplock.grants import MAX_GRANT_LENGTH, Grant, merge_grant
+from poplock.stats import add_stats_command
 from poplock.logs import events_reach_the_journal, iso_time, log_event, setup_logging
 from poplock.store import iterate_store
 from poplock.storewriter import StoreWriter
@@ -648,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one JSON object per line: address, time, user, source, cursor")
     scan.set_defaults(run=command_scan)
 
+    add_stats_command(commands, common, _since)
+    add_doctor_command(commands, common)
+
     commands.add_parser("config", parents=[common], help="check the configuration and print it in effect"
                         ).set_defaults(run=command_config)
     return parser
@@ -666,7 +673,8 @@ def _exit_status(error: PoplockError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = build_parser().parse_args(join_dash_values(sys.argv[1:] if argv is None else argv, ("--since",)))
+    arguments = build_parser().parse_args(
+        join_dash_values(sys.argv[1:] if argv is None else argv, ("--since", "--until")))
     setup_logging("poplock", logging.INFO, stderr_level=logging.WARNING, also_journal=True)
     try:
         config = load_config(getattr(arguments, "config", None))

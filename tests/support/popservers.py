@@ -767,5 +767,23 @@ class DovecotAnyUserName(Dovecot):
         return config
 
 
+# Tools the tests run that are not servers, unpacked the same way and never installed:
+# promtool, from the prometheus package, whose install would bring a Prometheus server.
+UNPACKED_TOOLS = ("prometheus",)
+
+
+def unpacked_tool(package: str) -> Path:
+    """Where `package` is unpacked (unpacking it first if it is not yet): a tool without dependencies."""
+    INSTALL_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(INSTALL_ROOT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (INSTALL_ROOT / package / ".unpacked").exists():
+            print(f"unpacking into {INSTALL_ROOT}: {package}", file=sys.stderr, flush=True)
+            _unpack([package])
+    return INSTALL_ROOT / package
+
+
 if __name__ == "__main__":
     install_servers()
+    for tool in UNPACKED_TOOLS:
+        unpacked_tool(tool)
