@@ -33,8 +33,8 @@ from poplock import events
 from poplock.access import check_relay_in_files
 from poplock.addresses import grant_key, load_allow_list, load_deny_list, normalize_address
 from poplock.arguments import ArgumentParser, join_dash_values
-from poplock.doctor import add_doctor_command
 from poplock.config import SETTINGS, Config, load_config
+from poplock.doctor import add_doctor_command
 from poplock.errors import (
     AddressError,
     ConfigError,
@@ -46,8 +46,8 @@ from poplock.errors import (
     StoreError,
 )
 from poplock.grants import MAX_GRANT_LENGTH, Grant, merge_grant
-from poplock.stats import add_stats_command
 from poplock.logs import events_reach_the_journal, iso_time, log_event, setup_logging
+from poplock.stats import add_stats_command
 from poplock.store import iterate_store
 from poplock.storewriter import StoreWriter
 from poplock.values import format_timespan, parse_timespan
@@ -107,6 +107,7 @@ def command_show(config: Config, arguments) -> int:
     now = time.time()
     networks = load_allow_list(config.static_allow_file)
     undecodable: list[bytes] = []
+    _look_for_store(config)
 
     if arguments.users:
         return _show_users(config, arguments, now)
@@ -228,6 +229,11 @@ def _end_sessions_of(transaction, addresses) -> int:
     return len(ended)
 
 
+def _count(number: int, noun: str) -> str:
+    """"1 expired grant", "2 expired grants"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _not_live(grant: Grant, now: float) -> str:
     if grant.is_live(now):
         return ""
@@ -236,6 +242,11 @@ def _not_live(grant: Grant, now: float) -> str:
     if grant.expires_at - grant.login_at > MAX_GRANT_LENGTH:
         return f" (not valid: longer than {format_timespan(MAX_GRANT_LENGTH)}, which no grant can be)"
     return " (expired)"
+
+
+# Stores found damaged by this run's change, then rebuilt from the journal and changed: the
+# change is made, and the exit status still says that the store was damaged (EXIT STATUS).
+_repaired_stores: list[str] = []
 
 
 def change_store(config: Config, change):
@@ -248,9 +259,69 @@ def change_store(config: Config, change):
     except StoreCorruptError as error:
         print(f"poplock: warning: {error}; rebuilding it from the journal", file=sys.stderr)
         count = rebuild_store(config, error)
-        print(f"poplock: rebuilt {config.store_path} from the journal: {count} grants", file=sys.stderr)
+        print(f"poplock: rebuilt {config.store_path} from the journal: {_count(count, 'grant')}", file=sys.stderr)
+        _repaired_stores.append(config.store_path)
     with writer.transaction() as transaction:
         return change(transaction)
+
+
+CHANGING = ("add", "remove", "flush", "import", "expire", "rebuild")  # the commands that write the store
+
+
+def _permission_hint(store_path: str, *, write: bool) -> str:
+    """What to do when this user may not read or change the store, or "" when that is not the trouble."""
+    import grp
+    import pwd
+
+    directory = os.path.dirname(store_path) or "."
+    try:
+        status = os.stat(directory)
+    except OSError:
+        return ""
+    if write:
+        allowed = os.access(directory, os.W_OK | os.X_OK) and (
+            not os.path.exists(store_path + ".lock") or os.access(store_path + ".lock", os.R_OK))
+    else:
+        allowed = os.access(directory, os.X_OK) and os.access(store_path, os.R_OK)
+    if allowed:
+        return ""
+    try:
+        owner = pwd.getpwuid(status.st_uid).pw_name
+    except KeyError:
+        owner = str(status.st_uid)
+    try:
+        group = grp.getgrgid(status.st_gid).gr_name
+    except KeyError:
+        group = str(status.st_gid)
+    if not write or status.st_mode & 0o020:
+        what = "Changing the grants" if write else "Reading the grants"
+        return (f"{what} takes root, the user {owner} or the group {group}: run it with sudo, or add yourself "
+                f"to the group (adduser NAME {group}) and log in again.")
+    return (f"Changing the grants takes root or the user {owner}: run it with sudo (the group {group} may only "
+            f"read them while {directory} is not group-writable; see poplock(8), FILES).")
+
+
+def _look_for_store(config: Config) -> None:
+    """A store that is not there: an error when its directory is missing too (a wrong [Store] Path=, or
+    a directory never made), a warning when only the file is (poplock-reader has not started yet)."""
+    path = config.store_path
+    directory = os.path.dirname(path) or "."
+    try:
+        os.stat(path)
+        return
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        failure = StoreError(f"cannot read the grant store {path}: {error.strerror}")
+        failure.hint = _permission_hint(path, write=False)
+        raise failure from None
+    if not os.path.isdir(directory):
+        failure = StoreError(f"there is no grant store {path}: the directory {directory} does not exist")
+        failure.hint = ("Check [Store] Path= (`poplock config` prints it); the default directory, /var/lib/poplock, "
+                        "is made by `systemd-tmpfiles --create poplock.conf`.")
+        raise failure
+    print(f"poplock: warning: there is no grant store {path} yet: poplock-reader makes it when it starts "
+          "(systemctl status poplock-reader.service)", file=sys.stderr)
 
 
 def rebuild_store(config: Config, error: Exception | None = None, *, directory: str | None = None,
@@ -353,7 +424,7 @@ def _remove_user(config: Config, user: str) -> int:
                   "a user being revoked)", grant.address, address=grant.address, source=grant.source,
                   store=config.store_path, user=user)
     _warn_unless_journaled()
-    print(f"removed {len(removed)} grants of {user}: {' '.join(sorted(grant.address for grant in removed))}")
+    print(f"removed {_count(len(removed), 'grant')} of {user}: {' '.join(sorted(grant.address for grant in removed))}")
     return os.EX_OK
 
 
@@ -367,7 +438,7 @@ def command_flush(config: Config, arguments) -> int:
     count = change_store(config, flush)
     log_event(log, logging.INFO, events.GRANTS_FLUSHED, "removed all %d grants", count, store=config.store_path)
     _warn_unless_journaled()
-    print(f"removed {count} grants")
+    print(f"removed {_count(count, 'grant')}")
     return os.EX_OK
 
 
@@ -387,7 +458,7 @@ def command_import(config: Config, arguments) -> int:
     for problem in found.problems:
         print(f"poplock: {'warning' if arguments.skip_bad else 'error'}: {problem}", file=sys.stderr)
     if found.problems and not arguments.skip_bad:
-        print(f"poplock: nothing imported: {len(found.problems)} bad lines (--skip-bad imports the others)",
+        print(f"poplock: nothing imported: {_count(len(found.problems), 'bad line')} (--skip-bad imports the others)",
               file=sys.stderr)
         return os.EX_DATAERR
 
@@ -418,8 +489,8 @@ def command_import(config: Config, arguments) -> int:
                       expires=grant.expires_at, store=config.store_path)
         _warn_unless_journaled()
     skipped = f"; {found.expired} expired left out" if found.expired else ""
-    bad = f"; {len(found.problems)} bad lines skipped" if found.problems else ""
-    print(f"imported {len(imported)} grants{skipped}{bad}")
+    bad = f"; {_count(len(found.problems), 'bad line')} skipped" if found.problems else ""
+    print(f"imported {_count(len(imported), 'grant')}{skipped}{bad}")
     return os.EX_OK
 
 
@@ -431,7 +502,7 @@ def command_rebuild(config: Config, arguments) -> int:
     except StoreCorruptError as error:
         damage = error
     count = rebuild_store(config, damage, directory=arguments.directory, files=arguments.file)
-    print(f"rebuilt {config.store_path} from the journal: {count} grants")
+    print(f"rebuilt {config.store_path} from the journal: {_count(count, 'grant')}")
     return os.EX_OK
 
 
@@ -463,14 +534,15 @@ def command_expire(config: Config, arguments) -> int:
         log_event(log, logging.INFO, events.GRANT_EXPIRED, "%d more expired grants purged (one event each is "
                   "logged for the first %d)", len(expired) - EXPIRED_EVENTS_MAX, EXPIRED_EVENTS_MAX,
                   store=None)
-    print(f"purged {len(expired)} expired grants; {remaining} remain")
+    print(f"purged {_count(len(expired), 'expired grant')}; {remaining} remain{'s' if remaining == 1 else ''}")
     return os.EX_OK
 
 
 def command_check(config: Config, arguments) -> int:
+    _look_for_store(config)
     decision = check_relay_in_files(config, arguments.address, time.time())
     if decision.network is not None:
-        reason = f"static network {decision.network.text} ({config.static_allow_file})"
+        reason = f"static network {decision.network} ({config.static_allow_file})"  # as `show` writes it
     elif decision.grant is None:
         reason = "no grant, and not in the static allow list"
     elif decision.denied is not None:
@@ -500,7 +572,7 @@ def command_scan(config: Config, arguments) -> int:
     from poplock.follow import JournalFollower
     from poplock.logins import Login, LoginParser, Unmatched
     from poplock.servers import SERVERS
-    from poplock.sources import build_sources
+    from poplock.sources import UNTRUSTED, build_sources
 
     if arguments.source:
         names = arguments.source
@@ -508,16 +580,14 @@ def command_scan(config: Config, arguments) -> int:
         names = list(SERVERS) + [name for name in config.source_sections if name not in SERVERS]
     else:
         names = list(config.sources)
-    sources = list(build_sources(config, names).values())
-    parser = LoginParser(sources, check_trust=not arguments.all_sources)
-    matches = None if arguments.all_sources else [m for source in sources for m in source.journal_matches()]
-    try:
-        follower = JournalFollower(matches, directory=arguments.directory, files=arguments.file)
-    except (OSError, ValueError) as error:
-        raise JournalError(f"cannot open the journal: {error}") from None
+    sources = build_sources(config, names)
+    parser = LoginParser(sources.values(), check_trust=not arguments.all_sources)
+    matches = None if arguments.all_sources else [m for source in sources.values() for m in source.journal_matches()]
+    follower = _open_journal(JournalFollower, matches, arguments.directory, arguments.file)
     if arguments.since is not None:
         follower.seek(None, arguments.since)
-    try:
+
+    def found_lines():
         while True:
             count = 0
             for entry in follower.read(10000):
@@ -529,21 +599,101 @@ def command_scan(config: Config, arguments) -> int:
                     continue
                 if arguments.unmatched and isinstance(found, Unmatched):
                     if arguments.json:
-                        _print_json({"source": found.source, "time": iso_time(found.time), "reason": found.reason,
-                                     "message": found.message, "cursor": entry.cursor})
+                        yield {"source": found.source, "time": iso_time(found.time), "reason": found.reason,
+                               "message": found.message, "cursor": entry.cursor}
                     else:
-                        print(f"{iso_time(found.time)}  {found.source}  {found.reason}: {found.message}")
+                        yield iso_time(found.time), found.source, f"{found.reason}: {found.message}"
                 elif not arguments.unmatched and isinstance(found, Login):
+                    # --all-sources reads lines whoever sent them: say which ones poplock-reader would trust.
+                    trusted = not arguments.all_sources or sources[found.source].trust_level(entry) != UNTRUSTED
                     if arguments.json:
-                        _print_json({"address": found.address, "time": iso_time(found.time), "user": found.user,
-                                     "source": found.source, "cursor": entry.cursor})
+                        yield {"address": found.address, "time": iso_time(found.time), "user": found.user,
+                               "source": found.source, "trusted": trusted, "cursor": entry.cursor}
+                    elif arguments.all_sources:
+                        yield (iso_time(found.time), found.address, found.source,
+                               "trusted" if trusted else "UNTRUSTED", f"user={found.user}")
                     else:
-                        print(f"{iso_time(found.time)}  {found.address}  {found.source}  user={found.user}")
+                        yield iso_time(found.time), found.address, found.source, f"user={found.user}"
             if count == 0:
-                break
+                return
+
+    try:
+        if arguments.json:
+            _write_lines(json.dumps(record, ensure_ascii=False) for record in found_lines())
+        else:
+            _write_lines(_aligned(found_lines()))
     finally:
         follower.close()
     return os.EX_OK
+
+
+def _open_journal(follower_class, matches, directory: str | None, files: list[str] | None):
+    """The journal `scan` reads, or a JournalError naming what could not be opened and why."""
+    for path in [directory] if directory is not None else files or ():
+        if not os.path.exists(path):
+            raise JournalError(f"cannot open the journal: {path}: no such "
+                               f"{'directory' if path == directory else 'file'}")
+    try:
+        follower = follower_class(matches, directory=directory, files=files)
+    except (OSError, ValueError) as error:
+        where = f"{directory}: " if directory is not None else f"{' '.join(files)}: " if files else ""
+        raise JournalError(f"cannot open the journal: {where}{getattr(error, 'strerror', None) or error}") from None
+    denied = directory is None and not files and _system_journal_denied()
+    if not follower.readable():
+        follower.close()
+        if directory is not None or files:
+            where = f"in {directory}" if directory is not None else "of " + " ".join(files or ())
+            raise JournalError(f"cannot open the journal: no journal file {where} could be opened")
+        if not denied:
+            raise JournalError("cannot open the journal: no journal files were found in "
+                               f"{' or '.join(SYSTEM_JOURNALS)} (is systemd-journald running?)")
+        error = JournalError("cannot open the journal: no journal files were opened due to insufficient permissions")
+        error.hint = JOURNAL_PERMISSION_HINT
+        raise error
+    if denied:  # only some: the user's own journal, say
+        print("poplock: warning: some journal files could not be opened due to insufficient permissions: the "
+              "logins of the system's servers are in them", file=sys.stderr)
+        print(JOURNAL_PERMISSION_HINT, file=sys.stderr)
+    return follower
+
+
+SYSTEM_JOURNALS = ("/var/log/journal", "/run/log/journal")
+JOURNAL_PERMISSION_HINT = ("Reading the system journal takes root or the systemd-journal group: run it with "
+                           "sudo, or add yourself to the group (adduser NAME systemd-journal) and log in again.")
+
+
+def _system_journal_denied() -> bool:
+    """Some file or directory of the system journal exists that this process may not read."""
+    for top in SYSTEM_JOURNALS:
+        try:
+            with os.scandir(top) as machines:
+                for machine in machines:
+                    if not machine.is_dir():
+                        continue
+                    if not os.access(machine.path, os.R_OK | os.X_OK):
+                        return True
+                    with os.scandir(machine.path) as journals:
+                        if any(not os.access(file.path, os.R_OK) for file in journals
+                               if file.name.endswith(".journal")):
+                            return True
+        except PermissionError:
+            return True
+        except OSError:  # absent: no journal kept there
+            continue
+    return False
+
+
+ALIGNED_UP_TO = 1000  # lines measured before the first is printed; the rest are padded to the same widths
+
+
+def _aligned(rows):
+    """Rows of cells as lines, every column but the last padded to the widest of the first rows."""
+    first = list(itertools.islice(rows, ALIGNED_UP_TO))
+    if not first:
+        return
+    widths = [max(len(cells[column]) for cells in first) for column in range(len(first[0]) - 1)]
+    for cells in itertools.chain(first, rows):
+        yield "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=False)) + "  " + cells[-1]
 
 
 def command_config(config: Config, arguments) -> int:
@@ -577,10 +727,6 @@ def command_config(config: Config, arguments) -> int:
             print(f"Pattern={pattern.pattern}")
         print(f"Hint={source.hint.pattern if source.hint else ''}")
     return os.EX_OK
-
-
-def _print_json(record: dict) -> None:
-    print(json.dumps(record, ensure_ascii=False))
 
 
 # --- arguments and errors -------------------------------------------------------------------------
@@ -649,7 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--unmatched", action="store_true",
                       help="print instead the entries that look like logins but that no pattern reads")
     scan.add_argument("--json", action="store_true",
-                      help="one JSON object per line: address, time, user, source, cursor")
+                      help="one JSON object per line: address, time, user, source, trusted, cursor")
     scan.set_defaults(run=command_scan)
 
     add_stats_command(commands, common, _since)
@@ -676,10 +822,15 @@ def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(
         join_dash_values(sys.argv[1:] if argv is None else argv, ("--since", "--until")))
     setup_logging("poplock", logging.INFO, stderr_level=logging.WARNING, also_journal=True)
+    config = None
     try:
         config = load_config(getattr(arguments, "config", None))
-        return arguments.run(config, arguments)
+        status = arguments.run(config, arguments)
+        # Changed, but after rebuilding a damaged store: the damage is an error all the same.
+        return os.EX_IOERR if _repaired_stores and status == os.EX_OK else status
     except PoplockError as error:
+        if isinstance(error, StoreError) and not isinstance(error, (StoreBusyError, StoreCorruptError)) and config:
+            error.hint = error.hint or _permission_hint(config.store_path, write=arguments.command in CHANGING)
         if isinstance(error, ConfigError):
             log_event(log, logging.ERROR, events.CONFIG_INVALID, "%s", error)
         else:

@@ -351,6 +351,7 @@ def load_config(path: str | None = None, sections: tuple[str, ...] | None = None
             sources_place = item.place
     if sections is None:
         problems += _check_source_sections(source_sections)
+        problems += _check_source_names(values["sources"], source_sections, sources_place)
         problems += _check_distinct_files(values, places)
     if problems:
         raise ConfigError(problems)
@@ -365,6 +366,22 @@ def _check_source_sections(source_sections: dict[str, list[Assignment]]) -> list
                 suggestion = _suggest(item.key, SOURCE_KEYS)
                 problems.append(f"{item.place}: [Source:{name}] {item.key}: unknown setting{suggestion}")
     return problems
+
+
+def unknown_source_problem(name: str, place: str) -> str:
+    from poplock.servers import SERVERS
+
+    return (f"{place}: [Reader] Sources: unknown source {name!r} "
+            f"(built in: {', '.join(SERVERS)}; or define it in a [Source:{name}] section)")
+
+
+def _check_source_names(names, source_sections: dict[str, list[Assignment]], place: str) -> list[str]:
+    """Sources= names neither a built-in server nor a [Source:NAME] section: found here, with the
+    other problems of the files, rather than only once they are fixed (sources.py builds the rest)."""
+    from poplock.servers import SERVERS  # not imported by relaylock, which checks only its own sections
+
+    return [unknown_source_problem(name, place) for name in names if name not in SERVERS
+            and name not in source_sections]
 
 
 # The files poplock writes or reads, by the setting that names them: no two may be the same

@@ -35,6 +35,8 @@ def parse_arguments(argv: list[str]) -> tuple[str, list[str]]:
         elif argv[index].startswith("--protocol="):
             protocol = argv[index].partition("=")[2].upper()
             index += 1
+        elif argv[index] == "--protocol":
+            raise ValueError("--protocol needs a value, POP3 or IMAP")
         else:
             raise ValueError(f"unknown option {argv[index]}")
     if protocol not in ("POP3", "IMAP"):

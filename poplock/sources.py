@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from poplock.config import Config
+from poplock.config import Config, unknown_source_problem
 from poplock.errors import ConfigError
 from poplock.servers import CORRELATE_BY_SESSION, SERVERS
 
@@ -153,10 +153,7 @@ def build_sources(config: Config, names: Iterable[str] | None = None) -> dict[st
     sources = {}
     for name in names:
         if name not in SERVERS and name not in config.source_sections:
-            problems.append(
-                f"{config.sources_place}: [Reader] Sources: unknown source {name!r} "
-                f"(built in: {', '.join(SERVERS)}; or define it in a [Source:{name}] section)"
-            )
+            problems.append(unknown_source_problem(name, config.sources_place))
             continue
         source = _build_source(name, config.source_sections.get(name, []), name in config.sources, problems,
                                bool(config.received_directory))

@@ -62,7 +62,7 @@ USER_KEY = USER_PREFIX.decode()
 log = logging.getLogger("poplock.store")
 
 SNAPSHOT_MODE = 0o640
-LOCK_MODE = 0o600
+LOCK_MODE = 0o600  # and 0o660 when the store's directory lets its group write (lock_mode)
 MERGE_AFTER = 4096  # top entries before they are merged into a new base (about 400 kB of top)
 MERGE_NOW_AFTER = 4 * MERGE_AFTER  # a commit leaving more than this merges at once
 MERGE_FOUND_DAMAGE = 2  # a background merge's exit status when the base it read was damaged
@@ -308,11 +308,15 @@ class StoreWriter:
     def _lock(self) -> int:
         lock_path = self.path + ".lock"
         try:
-            fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, LOCK_MODE)
+            mode = lock_mode(os.stat(self.directory).st_mode)
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, mode)
         except OSError as error:
             raise StoreError(f"cannot open the store lock {lock_path}: {error.strerror}") from None
         try:
             self._give_to_directory_owner(fd)
+            status = os.fstat(fd)
+            if status.st_mode & 0o777 != mode and os.geteuid() in (0, status.st_uid):
+                os.fchmod(fd, mode)  # whatever the umask, and as the directory's mode is now
             deadline = time.monotonic() + self.lock_timeout
             while True:
                 try:
@@ -710,18 +714,39 @@ class StoreWriter:
             _remove_quietly(f"{self.directory}/{name}.new")
 
     def _give_to_directory_owner(self, fd: int) -> None:
-        if os.geteuid() != 0:
-            return
         owner = os.stat(self.directory)
-        os.fchown(fd, owner.st_uid, owner.st_gid)
+        if os.geteuid() == 0:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        elif os.fstat(fd).st_gid != owner.st_gid and owner.st_mode & 0o020:
+            try:  # a member of a group-writable directory's group: its files stay readable by that group
+                os.fchown(fd, -1, owner.st_gid)
+            except PermissionError:
+                pass
+
+
+def lock_mode(directory_mode: int) -> int:
+    """The writers' lock file's mode: the directory's group may take it when it may write there."""
+    return LOCK_MODE | (0o060 if directory_mode & 0o020 else 0)
 
 
 def store_writers(path: str) -> frozenset[int]:
-    """The users who can write the store at `path`: root and the owner of its directory."""
+    """The users who can write the store at `path`: root, the owner of its directory, and the
+    members of its group when the directory is group-writable."""
     try:
-        return frozenset({0, os.stat(os.path.dirname(path) or ".").st_uid})
+        status = os.stat(os.path.dirname(path) or ".")
     except OSError:
         return frozenset({0})
+    writers = {0, status.st_uid}
+    if status.st_mode & 0o020:
+        import grp
+        import pwd
+
+        try:
+            members = set(grp.getgrgid(status.st_gid).gr_mem)
+        except KeyError:
+            members = set()
+        writers |= {user.pw_uid for user in pwd.getpwall() if user.pw_gid == status.st_gid or user.pw_name in members}
+    return frozenset(writers)
 
 
 def _write_top_afresh(path: str, state: State, structure: dict, count: int) -> None:

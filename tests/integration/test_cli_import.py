@@ -38,10 +38,10 @@ def test_plain_lines_take_an_iso_time_a_time_span_or_the_window(setup, tmp_path)
     assert result.stderr.splitlines() == [
         f"poplock: error: {source}:5: 192.0.2.3: a grant lasts at most 7d, not until "
         + result.stderr.split("not until ")[1].splitlines()[0],
-        "poplock: nothing imported: 1 bad lines (--skip-bad imports the others)"]
+        "poplock: nothing imported: 1 bad line (--skip-bad imports the others)"]
     assert records(setup.run("show", "--json")) == {}
     result = setup.run("import", "--skip-bad", str(source), check=True)
-    assert result.stdout == "imported 2 grants; 1 expired left out; 1 bad lines skipped\n"
+    assert result.stdout == "imported 2 grants; 1 expired left out; 1 bad line skipped\n"
     assert sorted(records(setup.run("show", "--json"))) == ["192.0.2.1", "192.0.2.2"]
     assert setup.may_relay("192.0.2.2")
 
@@ -101,7 +101,7 @@ def test_with_ipv6_prefix_an_imported_address_is_stored_as_its_network_and_netwo
     exported = tmp_path / "grants.jsonl"
     exported.write_text(setup.run("show", "--json", check=True).stdout)
     setup.run("flush", check=True)
-    assert setup.run("import", str(exported), check=True).stdout == "imported 1 grants\n"
+    assert setup.run("import", str(exported), check=True).stdout == "imported 1 grant\n"
     assert list(records(setup.run("show", "--json"))) == ["2001:db8:5::/64"]
 
 

@@ -159,6 +159,6 @@ def test_a_grant_written_while_the_clock_ran_a_year_ahead_is_not_honoured_once_i
     checked = setup.run("check", "192.0.2.8")
     assert checked.returncode == 1 and "in the future" in checked.stdout
     assert "(not valid: its login time is in the future" in setup.run("show", "--all").stdout
-    assert setup.run("expire", check=True).stdout == "purged 1 expired grants; 0 remain\n"
+    assert setup.run("expire", check=True).stdout == "purged 1 expired grant; 0 remain\n"
     setup.run("add", "192.0.2.8", check=True)  # a login (or a grant by hand) now makes it right
     assert setup.may_relay("192.0.2.8")

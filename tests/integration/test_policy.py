@@ -280,3 +280,32 @@ def test_with_a_header_configured_the_header_context_gets_a_prepend_naming_the_l
         assert client.reply() == "action=DUNNO"
         assert client.ask("192.0.2.9") == "action=OK"  # the relay decision itself is unchanged
         client.close()
+
+
+def test_the_commands_poplock_policy_8_asks_the_service_with_work_as_shown(setup, tmp_path):
+    # Run as the page writes them, with this test's port and socket: commands a default Debian has.
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "man/poplock-policy.8").read_text()
+    blocks = [block.split("\n.Ed\n")[0] for block in page.split(".Bd -literal -offset indent\n")[1:]]
+    examples = [(command, expected) for block in blocks
+                for command, expected in re.findall(r"^\$ (printf .*?\n(?:    .*\n|[^$].*\n)*?)(action=.*)$",
+                                                    block + "\n", re.M)]
+    assert len(examples) == 3 and not any(" nc " in command for command, _ in examples)
+    now = int(time.time())
+    listing = tmp_path / "grants.jsonl"
+    listing.write_text(json.dumps({"kind": "grant", "address": "192.0.2.7", "expires": iso_time(now + 1800),
+                                   "source": "dovecot", "user": "alice", "login_time": iso_time(now - 60)}) + "\n")
+    setup.run("import", str(listing), check=True)
+    setup.write(extra="\n[Policy]\nHeader=X-PopBeforeSMTP\n")
+    unix = tmp_path / "policy.sock"
+    port = free_port()
+    with PolicyProcess(setup, f"127.0.0.1:{port}", str(unix)):
+        for command, expected in examples:
+            command = (command.replace("\\en", "\\n").replace("10040", str(port))
+                       .replace("/var/spool/postfix/private/poplock", str(unix)))
+            result = subprocess.run(["sh", "-c", command.replace("python3 ", "/usr/bin/python3 ")],
+                                    capture_output=True, text=True, timeout=30)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == re.sub(r" at \S+\)$", f" at {iso_time(now - 60)})", expected) + "\n"

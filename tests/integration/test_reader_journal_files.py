@@ -211,6 +211,37 @@ def test_scan_since_skips_older_entries(setup, journal):
     assert [json.loads(line)["address"] for line in result.stdout.splitlines()] == ["192.0.2.96"]
 
 
+def test_scan_prints_its_columns_aligned(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [dovecot(login_line("192.0.2.9", user="bob"), now - 30),
+                                 dovecot(login_line("2001:db8::99", user="carol"), now - 20),
+                                 dovecot(login_line("192.0.2.100"), now - 10)])
+    lines = setup.run("scan", "--file", str(journal), check=True).stdout.splitlines()
+    assert [line.split() for line in lines] == [
+        [iso_time(now - 30), "192.0.2.9", "dovecot", "user=bob"],
+        [iso_time(now - 20), "2001:db8::99", "dovecot", "user=carol"],
+        [iso_time(now - 10), "192.0.2.100", "dovecot", "user=alice"]]
+    assert len({line.index("dovecot") for line in lines}) == 1
+    assert len({line.index("user=") for line in lines}) == 1
+
+
+def test_scan_all_sources_marks_the_lines_poplock_reader_would_not_trust(setup, journal):
+    now = time.time()
+    write_journal_file(journal, [
+        dovecot(login_line("192.0.2.130"), now - 30),
+        dovecot(login_line("203.0.113.131"), now - 20, _UID=1000, _COMM="logger"),  # logger -t dovecot
+    ])
+    text = setup.run("scan", "--file", str(journal), "--all-sources", check=True).stdout.splitlines()
+    assert [line.split()[1:] for line in text] == [["192.0.2.130", "dovecot", "trusted", "user=alice"],
+                                                  ["203.0.113.131", "dovecot", "UNTRUSTED", "user=alice"]]
+    records = [json.loads(line) for line in setup.run("scan", "--file", str(journal), "--all-sources", "--json",
+                                                      check=True).stdout.splitlines()]
+    assert [(r["address"], r["trusted"]) for r in records] == [("192.0.2.130", True), ("203.0.113.131", False)]
+    [watched] = [json.loads(line) for line in setup.run("scan", "--file", str(journal), "--json",
+                                                        check=True).stdout.splitlines()]
+    assert (watched["address"], watched["trusted"]) == ("192.0.2.130", True)
+
+
 def _cursor_of_first_entry(journal: Path) -> str:
     from systemd import journal as systemd_journal
 

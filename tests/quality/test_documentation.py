@@ -291,8 +291,25 @@ def test_relaylock_help_exits_0_as_relaylock_8_says():
 
 
 def test_every_option_of_poplock_logauth_is_documented_in_poplock_logauth_8():
-    options = set(re.findall(r"(?<![\w-])(-{1,2}[A-Za-z][\w-]*)", logauth.USAGE))
-    assert options and options <= documented_options("poplock-logauth.8")
+    # main() answers -h, --help and --version itself, before parse_arguments(), which USAGE describes.
+    options = set(re.findall(r"(?<![\w-])(-{1,2}[A-Za-z][\w-]*)", logauth.USAGE)) | {"-h", "--help", "--version"}
+    assert options <= documented_options("poplock-logauth.8")
+
+
+def test_poplock_logauth_help_and_protocol_equals_work_as_poplock_logauth_8_says():
+    for word in ("-h", "--help", "--version"):
+        result = subprocess.run([sys.executable, "-m", "poplock.logauth", word, "true"], capture_output=True,
+                                text=True, cwd=REPOSITORY, stdin=subprocess.DEVNULL)
+        assert (result.returncode, result.stdout) == (0, ""), word
+    assert logauth.parse_arguments(["--protocol=imap", "true"]) == ("IMAP", ["true"])
+    with pytest.raises(ValueError, match="--protocol needs a value"):
+        logauth.parse_arguments(["--protocol"])
+    text = page_text("poplock-logauth.8")
+    options = "\n".join(section_lines(text, "OPTIONS"))
+    assert ".It Fl h , Fl -help" in options.splitlines() and "Fl -protocol Ns = Ns Cm POP3 | IMAP" in options
+    assert "is a usage error, including" not in options  # what the page said before -h and = were accepted
+    exit_status = "\n".join(section_lines(text, "EXIT STATUS"))
+    assert re.search(r"^\.It 0\n\.Fl h ,\n\.Fl -help\nor\n\.Fl -version \.$", exit_status, re.M)
 
 
 @pytest.mark.parametrize(("module", "page"), [("poplock.cli", "poplock.8"), ("poplock.reader", "poplock-reader.8"),
@@ -360,3 +377,4 @@ def test_every_message_id_is_listed_with_its_name_in_poplock_8():
     text = page_text("poplock.8")
     for event in EVENTS:
         assert f"\n.It Li {event.message_id} Pq {event.name}\n" in text, event.name
+

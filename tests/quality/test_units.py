@@ -1,5 +1,6 @@
 """The shipped units, tmpfiles.d and sysusers.d files, checked by systemd's own tools after `make install`."""
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -107,3 +108,69 @@ def test_every_program_tells_its_version_from_the_one_place_it_is_written(progra
     assert result.returncode == 0
     assert __version__ in (result.stdout + result.stderr).split()[-1], result
     assert result.stdout == "" or program.startswith("poplock")  # relaylock: never standard output
+
+
+def literal_blocks(page: str) -> list[str]:
+    """The text of each `.Bd -literal` block of a man page."""
+    text = (REPOSITORY / "man" / page).read_text()
+    return [block.split("\n.Ed\n")[0] for block in text.split(".Bd -literal -offset indent\n")[1:]]
+
+
+def test_the_smtp_unit_runs_as_a_user_the_shipped_sysusers_file_makes_and_collects_failed_instances(tmp_path):
+    # Debian has no qmaild: a User= that does not exist fails every connection with 217/USER.
+    unit = (REPOSITORY / "units/poplock-smtp@.service").read_text()
+    [user] = [line.partition("=")[2] for line in unit.splitlines() if line.startswith("User=")]
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for name in ("passwd", "group"):
+        (root / "etc" / name).write_text("".join(
+            line for line in Path(f"/etc/{name}").read_text().splitlines(keepends=True)
+            if not line.startswith("poplock")))
+    subprocess.run(["systemd-sysusers", f"--root={root}", str(REPOSITORY / "sysusers.d/poplock.conf")],
+                   check=True, capture_output=True)
+    users = {line.split(":")[0]: line.split(":") for line in (root / "etc/passwd").read_text().splitlines()}
+    groups = {line.split(":")[0]: line.split(":") for line in (root / "etc/group").read_text().splitlines()}
+    assert user in users and user != "poplock"  # never the user that writes the store
+    assert users[user][3] != groups["poplock"][2]  # the store's group only as SupplementaryGroups=
+    assert "\nSupplementaryGroups=poplock\n" in unit
+    # Failed instances are removed once they end, instead of piling up one per connection.
+    assert unit.startswith("[Unit]\n") and "\nCollectMode=inactive-or-failed\n" in unit.partition("[Service]")[0]
+
+
+def test_relaylock_8_shows_the_smtp_units_as_they_ship():
+    [shipped] = [block for block in literal_blocks("relaylock.8") if block.startswith("# poplock-smtp.socket\n")]
+    for part in shipped.split("\n\n# "):
+        name, _, lines = part.removeprefix("# ").partition("\n")
+        unit = (REPOSITORY / "units" / name).read_text().splitlines()
+        for line in lines.split("\n"):
+            assert line in unit, f"relaylock(8) shows {line!r}, which {name} does not have"
+
+
+def test_the_drop_in_relaylock_8_gives_for_another_server_is_one_systemd_takes(installed):
+    [drop_in] = [block for block in literal_blocks("relaylock.8") if block.startswith("[Service]\nExecStart=\n")]
+    directory = installed / "etc/systemd/system/poplock-smtp@.service.d"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "server.conf").write_text(drop_in + "\n")
+    try:
+        result = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={installed}",
+                                 "poplock-smtp@.service"], capture_output=True, text=True)
+        # Without the empty ExecStart= it would say "Service has more than one ExecStart= setting".
+        assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    finally:
+        (directory / "server.conf").unlink()
+
+
+def test_the_daemons_only_the_tests_run_are_not_left_enabled_at_boot():
+    # Their postinst enables them; `make deps` disables them at boot again after installing them.
+    [packages] = re.findall(r"^TEST_ONLY_DAEMONS = (.*)$", (REPOSITORY / "Makefile").read_text(), re.M)
+    wanted = {link.name for link in Path("/etc/systemd/system").glob("*.wants/*")}
+    started = {link.name[3:] for link in Path("/etc").glob("rc[2-5].d/S*")}
+    for package in packages.split():
+        listed = subprocess.run(["dpkg-query", "-L", package], capture_output=True, text=True)
+        if listed.returncode != 0:
+            continue  # not installed here
+        files = listed.stdout.splitlines()
+        units = {Path(name).name for name in files if re.fullmatch(r"(/usr)?/lib/systemd/system/[^/]+\.service", name)}
+        scripts = {name.removeprefix("/etc/init.d/") for name in files if name.startswith("/etc/init.d/")}
+        assert not units & wanted, f"{package}: enabled at boot by a wants link (systemctl disable {units & wanted})"
+        assert not scripts & started, f"{package}: started at boot by an rc link (update-rc.d ... disable)"

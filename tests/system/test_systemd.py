@@ -6,7 +6,8 @@ The tests run in order, as one story on one container: enable the units; a POP3 
 that client relay and nobody else, and a forged log line lets nobody relay; the timer purges
 the grant once its (short) window has passed; restarts and crashes of the reader lose no
 grant and replay no login; a broken configuration leaves the reader failed, saying why;
-the man pages render and the journal finds the events of the first steps by their fields.
+the man pages render and the journal finds the events of the first steps by their fields;
+and Dovecot stopped by PID 1 without a line of its own ends the session of a client still connected.
 
 The container shares the host's /usr, so poplock goes under /opt/poplock and its units,
 drop-ins and configuration under the container's /etc, as a local admin would install it.
@@ -23,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.mailclients import pop3_login
+from support.mailclients import imap_connection, pop3_login
 from support.nspawn import Container, build_root, wait_until
 from support.ports import free_port, wait_for_port
 from support.smtpservers import LOCAL_DOMAIN, try_relay
 
 from poplock import events
+from poplock.servers import UNIT_JOB_MESSAGE_IDS
 
 pytestmark = pytest.mark.system
 
@@ -174,13 +176,13 @@ service pop3-login {{
 ListenStream=
 ListenStream=127.0.0.1:{smtp_port}
 """,
-        # `systemctl edit poplock-smtp@.service`: mailfront instead of qmail-smtpd.
+        # `systemctl edit poplock-smtp@.service`: mailfront instead of qmail-smtpd, run as the
+        # shipped User=poplock-smtp.
         "etc/systemd/system/poplock-smtp@.service.d/mailfront.conf": f"""\
 [Service]
 ExecStart=
 ExecStart={BINDIR}/relaylock -- /usr/sbin/smtpfront-echo relayclient qmail-validate
 Environment=QMAILHOME={QMAILHOME}
-User=mail
 """,
         # `systemctl edit poplock-expire.timer`: purge every few seconds instead of every 5 minutes
         # (an empty OnBootSec= drops every trigger the unit had, OnUnitActiveSec= included).
@@ -336,6 +338,38 @@ def test_under_systemd_the_unit_not_the_uid_is_what_makes_a_login_line_dovecots(
     site.wait_until_granted(witness)
     assert by_root_elsewhere not in site.grants()
     assert site.events(f"POPLOCK_CLIENT_ADDRESS={by_root_elsewhere}") == []
+
+
+def test_smtp_connections_run_as_the_shipped_user_and_fail_clearly_without_the_server(site):
+    import socket
+
+    container = site.container
+    uid = container.run("id", "-u", "poplock-smtp").stdout.strip()
+    [allowed] = site.wait_for_events(f"MESSAGE_ID={events.RELAY_ALLOWED.message_id}",
+                                     f"POPLOCK_CLIENT_ADDRESS={GRANTED}")
+    assert allowed["_UID"] == uid  # User=poplock-smtp exists wherever poplock is installed: no 217/USER
+    # The shipped ExecStart names qmail-smtpd, which Debian does not have.
+    override = "/etc/systemd/system/poplock-smtp@.service.d/zz-shipped-server.conf"
+    container.write_file(override, f"[Service]\nExecStart=\nExecStart={BINDIR}/relaylock -- "
+                                   "/var/qmail/bin/qmail-smtpd\n")
+    container.systemctl("daemon-reload")
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", site.smtp_port), timeout=10) as connection:
+                try:
+                    assert connection.recv(1024) == b""  # closed without a greeting
+                except ConnectionResetError:
+                    pass
+        site.logged_lines("cannot run /var/qmail/bin/qmail-smtpd: No such file or directory",
+                          "SYSLOG_IDENTIFIER=relaylock", count=3)
+        # CollectMode=inactive-or-failed: failed instances do not pile up, one per connection.
+        wait_until(lambda: container.systemctl("list-units", "--all", "--plain", "--no-legend",
+                                               "poplock-smtp@*").stdout.strip() == "",
+                   "the failed instances to be collected", 10)
+    finally:
+        container.run("rm", "-f", override)
+        container.systemctl("daemon-reload")
+    assert site.relay(REFUSED) == (550, MAILFRONT_REFUSAL)  # mailfront answers again
 
 
 # --- 3. the timer purges expired grants ------------------------------------------------------------
@@ -526,3 +560,78 @@ def test_journalctl_finds_a_clients_events_by_its_address_and_each_event_by_its_
         f"MESSAGE_ID={events.LOGIN_GRANTED.message_id}")]
     assert sorted(granted) == sorted([GRANTED, "127.0.0.9", "127.0.0.13", "127.0.0.21", "127.0.0.22", "127.0.0.23",
                                       "127.0.0.24", "127.0.0.31", "127.0.0.32", "127.0.0.33"])
+
+
+# --- 7. a server stopped without a word of its own ---------------------------------------------------
+
+IMAP_SERVICE = """\
+service imap-login {{
+  inet_listener imap {{
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+"""
+
+
+def test_pid_1_stopping_dovecot_ends_the_session_of_a_connected_imap_client_when_dovecot_logs_nothing(site):
+    container = site.container
+    connected = "127.0.0.41"
+    imap_port = free_port()
+    configuration = container.read_file("/etc/dovecot/dovecot.conf")
+    container.write_file("/etc/dovecot/dovecot.conf", configuration.replace(
+        "protocols = pop3\n", "protocols = pop3 imap\n") + IMAP_SERVICE.format(port=imap_port))
+    # `systemctl edit dovecot.service`: stopped with SIGKILL instead of `doveadm stop`, so that no
+    # Dovecot process logs its end.
+    killed = container.write_file("/etc/systemd/system/dovecot.service.d/kill.conf",
+                                  "[Service]\nExecStop=\nKillSignal=SIGKILL\n")
+    client = None
+    try:
+        container.systemctl("daemon-reload")
+        container.systemctl("restart", "dovecot.service")
+        container.systemctl("start", READER, SOCKET)  # as the story left them (or when run alone)
+        wait_for_port("127.0.0.1", imap_port)
+        client = imap_connection("127.0.0.1", imap_port, USER, PASSWORD, source=connected)
+        held = wait_until(lambda: (grant := site.grants().get(connected)) and grant["sessions"] == 1 and grant,
+                          f"the session of {connected} to hold its grant", timeout=15)
+        assert held["live"] and timestamp(held["expires"]) > time.time() + 3600  # far past the window
+        [login] = site.logged_lines(f"imap-login: Login: user=<{USER}>, method=PLAIN, rip={connected},",
+                                    "_SYSTEMD_UNIT=dovecot.service")
+
+        container.systemctl("stop", "dovecot.service")
+        stopped_at = time.time()
+        # Nothing of Dovecot's after the login: no logout, no stop line; only PID 1's job entries.
+        assert [entry["MESSAGE"] for entry in container.journal(
+            "_SYSTEMD_UNIT=dovecot.service", after_cursor=login["__CURSOR"])] == []
+        jobs = container.journal("_PID=1", "UNIT=dovecot.service", after_cursor=login["__CURSOR"])
+        assert {entry.get("MESSAGE_ID") for entry in jobs} & UNIT_JOB_MESSAGE_IDS, jobs
+
+        released = wait_until(lambda: (grant := site.grants().get(connected)) and grant["sessions"] == 0 and grant,
+                              f"the reader to end the session of {connected}", timeout=15)
+        assert timestamp(released["expires"]) <= stopped_at + WINDOW + 1
+        [ended] = wait_until(lambda: [entry for entry in container.journal(
+            f"_SYSTEMD_UNIT={READER}", after_cursor=login["__CURSOR"])
+            if entry.get("MESSAGE_ID") == events.SESSIONS_ENDED.message_id],
+            "the reader to say why the session ended", timeout=10)
+        assert ended["MESSAGE"] == "dovecot restarted: 1 open sessions ended, 1 grants released"
+        assert site.may_relay(connected)  # for the window after the stop, then no more
+        wait_until(lambda: not site.may_relay(connected), f"the window of {connected} to pass",
+                   timeout=WINDOW + 10, pause=0.5)
+        assert site.relay(connected) == (550, MAILFRONT_REFUSAL)
+    finally:
+        if client is not None:
+            client.shutdown()
+        killed.unlink()
+        container.write_file("/etc/dovecot/dovecot.conf", configuration)
+        container.systemctl("daemon-reload")
+        container.systemctl("restart", "dovecot.service")
+        wait_for_port("127.0.0.1", site.pop3_port)
+
+
+def timestamp(text: str) -> float:
+    """Seconds since the epoch of a time `poplock show --json` prints."""
+    import datetime
+
+    return datetime.datetime.fromisoformat(text).timestamp()

@@ -4,6 +4,7 @@ import pytest
 
 from poplock.config import SETTINGS, load_config, render_default_config
 from poplock.errors import ConfigError
+from poplock.servers import SERVERS
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -132,6 +133,7 @@ def test_the_shipped_configuration_uncommented_gives_the_defaults(tmp_path):
     for setting in SETTINGS:
         assert getattr(config, setting.attribute) == setting.parse(setting.default)
 
+
 def relaylock_config(tmp_path: Path, text: str):
     return load_config(str(write(tmp_path / "poplock.conf", f"[Relaylock]\n{text}\n")),
                        sections=("Grants", "Store", "Relaylock"))
@@ -189,3 +191,14 @@ def test_a_server_map_that_cannot_be_a_map_name_is_refused(tmp_path, name):
     with pytest.raises(ConfigError, match=r"\[Relaylock\] ServerMap=.*: expected a map name"):
         relaylock_config(tmp_path, f"ServerMap={name}")
 
+
+def test_an_unknown_source_is_reported_together_with_an_unknown_key(tmp_path):
+    # Not only once the typo is fixed: poplock.conf(5) says every problem is reported at once.
+    path = tmp_path / "poplock.conf"
+    path.write_text("[Reader]\nSources=dovecot qpoper\nWindw=1h\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert caught.value.problems == [
+        f"{path}:3: [Reader] Windw: unknown setting",
+        f"{path}:2: [Reader] Sources: unknown source 'qpoper' (built in: {', '.join(SERVERS)}; or define it in a "
+        "[Source:qpoper] section)"]
