@@ -52,11 +52,16 @@ class ServerRestart(NamedTuple):
     time: float
     message: str
     scope: str = ""  # whose server restarted: "" this host's, "/ADDRESS/" a POP host's (LoginParser)
+    also: tuple[str, ...] = ()  # other sources whose sessions end with it: they share the unit (inetd)
 
     @property
     def sessions_prefix(self) -> str:
-        """What the keys of the sessions it ends start with."""
+        """What the keys of the sessions it ends start with (of `source`; see sessions_prefixes)."""
         return f"{self.source}{self.scope}:"
+
+    @property
+    def sessions_prefixes(self) -> tuple[str, ...]:
+        return tuple(f"{name}{self.scope}:" for name in (self.source, *self.also))
 
 
 # What a session key may hold (the servers' session ids, pids, addresses, ports, identifiers):
@@ -212,10 +217,10 @@ class LoginParser:
                 entry.get("MESSAGE_ID") not in UNIT_JOB_MESSAGE_IDS:
             return None
         unit = entry.get("UNIT")
-        for source in self._unit_sources:
-            if unit in source.units:
-                return ServerRestart(source.name, entry_time(entry), message, self.scope)
-        return None
+        names = [source.name for source in self._unit_sources if unit in source.units]
+        if not names:
+            return None
+        return ServerRestart(names[0], entry_time(entry), message, self.scope, tuple(names[1:]))
 
     def _trust_level(self, source: Source, entry: Mapping[str, str]) -> int:
         return source.trust_level(entry) if self.check_trust else TRUSTED

@@ -313,9 +313,10 @@ class Reader:
                         ended.append(("ended", item.source, 1, [released]))
                     continue
                 if isinstance(item, ServerRestart):
-                    count, released = end_sessions(grants, metadata, item.sessions_prefix, min(item.time, now), bounds)
-                    if count:
-                        ended.append(("restart", item.source, count, released))
+                    for name, prefix in zip((item.source, *item.also), item.sessions_prefixes):
+                        count, released = end_sessions(grants, metadata, prefix, min(item.time, now), bounds)
+                        if count:
+                            ended.append(("restart", name, count, released))
                     continue
                 login, unit, sender = item
                 if login.instance is not None:

@@ -139,14 +139,17 @@ class Sessions:
 
 
 # What PID 1 logs for a unit's jobs (sd-messages.h): starting, stopping, stopped, failed,
-# and finished. A login source's unit doing any of these ends its sessions. Not "started":
-# a client may already have logged in by then.
+# and finished, and a unit that failed without a job (its main process killed: no
+# Restart=, or before the restart's jobs). A login source's unit doing any of these ends
+# its sessions. Not "started": a client may already have logged in by then. Not "process
+# exited": it is also logged for a reload's control process.
 UNIT_JOB_MESSAGE_IDS = frozenset({
     "7d4958e842da4a758f6c1cdc7b36dcc5",  # SD_MESSAGE_UNIT_STARTING
     "de5b426a63be47a7b6ac3eaac82e2f6f",  # SD_MESSAGE_UNIT_STOPPING
     "9d1aaa27d60140bd96365438aad20286",  # SD_MESSAGE_UNIT_STOPPED
     "be02cf6855d2428ba40df7e9d022f03d",  # SD_MESSAGE_UNIT_FAILED
     "7ad2d189f7e94e70a38c781354912448",  # SD_MESSAGE_UNIT_SUCCESS (deactivated)
+    "d9b373ed55a64feb8242e02dbe79a49c",  # SD_MESSAGE_UNIT_FAILURE_RESULT ("Failed with result 'signal'")
 })
 
 
@@ -375,6 +378,18 @@ QPOPPER = Server(
     ),
 )
 
+# How UW imapd and ipop3d end a connection (imap-2007f: `%s user=%.80s host=%.80s`, the reason
+# first; tests/corpus/documented.jsonl cites each): LOGOUT or QUIT; the autologout timer; the kiss
+# of death (another process took the mailbox's lock); SIGHUP or SIGPIPE; SIGTERM; and a broken
+# command stream, `ERROR, while DOING` (older versions wrote no comma, and their ipop3d its counts
+# after the host). The reason holds no `=`, so no text of the line can be read as one.
+_UW_END_REASON = (r"(?:Logout|Autologout|Hangup|Killed(?: \((?:lost mailbox lock|terminated)\))?"
+                  r"|[A-Za-z][A-Za-z0-9 /'-]{0,79},? while [a-z]+(?: [a-z]+){0,2})")
+# The host as tcp_clienthost() writes it (`NAME [ADDRESS]`, `[ADDRESS]`, `UNKNOWN`, `SSH_CLIENT=ADDRESS`),
+# cut at 80 characters, anywhere: only the server's counts may follow it.
+_UW_HOST_TEXT = (r"(?=.{1,80}(?: nmsgs=[0-9]+ ndele=[0-9]+)?\Z)"
+                 r"(?:[A-Za-z0-9.-]+(?: (?:\[[0-9A-Fa-f.:]*\]?)?)?|\[[0-9A-Fa-f.:]*\]?|[A-Z0-9_]+=[0-9A-Fa-f.:]*)")
+
 UW_IMAP = Server(
     name="uw-imap",
     description="UW (University of Washington) imapd and ipop3d",
@@ -382,15 +397,27 @@ UW_IMAP = Server(
     units=_INETD_UNITS,
     users=("root",),
     patterns=(
-        # `Login user=NAME host=HOST [ADDRESS]` (ipop3d adds ` nmsgs=N/N`). UW cuts host= to 80
-        # characters: a long host name leaves no complete [ADDRESS], and the line matches nothing.
+        # `Login user=NAME host=HOST [ADDRESS]` (ipop3d adds ` nmsgs=N/N`, imapd's AUTHENTICATE
+        # ` mech=MECHANISM`, one it knows). UW cuts host= to 80 characters: a long host name leaves
+        # no complete [ADDRESS], and the line matches nothing.
         r"(?:Login|Authenticated|Auth|APOP) user=(?P<user>.*) host=(?:" + _HOST + r" )?"
-        r"\[(?P<address>" + _ADDRESS + r")\](?: nmsgs=[0-9]+/[0-9]+)?",
+        r"\[(?P<address>" + _ADDRESS + r")\](?: nmsgs=[0-9]+/[0-9]+| mech=[A-Za-z0-9_-]+)?",
     ),
     hint=r"^(?:Login|Authenticated|Auth|APOP) user=",
     correlation=Correlation(
         key=CORRELATE_BY_PID,
         connections=(r"(?:imap|pop3|pop2) service init from (?P<address>" + _ADDRESS + r")",) + _TCPD_CONNECT,
+    ),
+    # One process per connection (inetd, xinetd, or a systemd socket with Accept=yes) logs its
+    # login and its end, both after it has become the mail user (server_login() sets the uid):
+    # like solid-pop3d's, its sessions are read under systemd only, the unit being the evidence.
+    # The key is journald's _PID, so no user name (spaces, `host=` and all) can name another
+    # connection; an end line of a connection that never logged in (`user=???`) ends nothing.
+    sessions=Sessions(
+        key=("_BOOT_ID", "_PID"),
+        ends=(_UW_END_REASON + r" user=(?P<user>.{0,80}) host=" + _UW_HOST_TEXT
+              + r"(?: nmsgs=[0-9]+ ndele=[0-9]+)?",),
+        ends_need_unit=True,
     ),
 )
 

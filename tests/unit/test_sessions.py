@@ -333,3 +333,182 @@ def test_max_session_length_defaults_to_12_hours_and_is_bounded_so_that_no_held_
     assert caught.value.problems == [f"{path}:2: [Grants] MaxSessionLength=7d: must be at most 6 days (0: sessions "
                                      "hold no grant open): it bounds how long a connection whose end line was lost "
                                      "keeps its client relaying"]
+
+
+# --- UW imapd and ipop3d: one process per connection, which logs as the mail user -------------
+# Their lines come from UW's source (tests/corpus/documented.jsonl cites each); under systemd they
+# carry the unit of inetd (or xinetd), the process's own pid and the mail user's uid.
+
+UW_BOOT = "9f63f569678647b982c6a1b2c3d4e5f6"
+UW_HOST = "client.example.net [192.0.2.7]"
+
+
+def uw_entry(message: str, pid: str = "4242", identifier: str = "imapd", **fields) -> dict:
+    entry = {"MESSAGE": message, "SYSLOG_IDENTIFIER": identifier, "_SYSTEMD_UNIT": "inetd.service", "_UID": "20000",
+             "_PID": pid, "_BOOT_ID": UW_BOOT, "_TRANSPORT": "syslog", "__REALTIME_TIMESTAMP": f"{T0}000000"}
+    entry.update(fields)
+    return {name: value for name, value in entry.items() if value is not None}
+
+
+def uw_key(pid: str = "4242") -> str:
+    return f"uw-imap:{UW_BOOT[:12]}/{pid}"
+
+
+def documented_uw() -> list[dict]:
+    records = [json.loads(line) for line in (CORPUS / "documented.jsonl").read_text().splitlines()]
+    return [record for record in records if record["server"] in ("uw-imapd", "uw-ipop3d")
+            and "SYSLOG_PID" in record["fields"]]
+
+
+UW_LOGIN = {"imapd": f"Login user=alice host={UW_HOST}", "ipop3d": f"Login user=alice host={UW_HOST} nmsgs=3/3"}
+
+
+@pytest.mark.parametrize("record", [record for record in documented_uw()
+                                    if record["scenario"].startswith("end of a logged-in")],
+                         ids=lambda record: record["scenario"])
+def test_every_uw_end_line_ends_the_session_its_own_process_logged_in(corpus_parser, record):
+    fields = record["fields"]
+    identifier, pid = fields["SYSLOG_IDENTIFIER"], fields["SYSLOG_PID"]
+    login = corpus_parser.read(uw_entry(UW_LOGIN[identifier], pid, identifier))
+    assert (login.address, login.source, login.session) == ("192.0.2.7", "uw-imap", uw_key(pid))
+    end = corpus_parser.read(uw_entry(fields["MESSAGE"], pid, identifier))
+    assert end == SessionEnd("uw-imap", uw_key(pid), float(T0))
+    grants, metadata = {}, {}
+    logged_in(grants, metadata, login.session, T0, address=login.address)
+    assert close_session(grants, metadata, end.key, T0 + 3600, BOUNDS).expires_at == T0 + 3600 + WINDOW
+
+
+def test_the_uw_lines_that_end_no_logged_in_session_are_read_as_ends_of_nothing_or_not_at_all(corpus_parser):
+    grants, metadata = {}, {}
+    for record in documented_uw():
+        if record["scenario"].startswith("end of a logged-in"):
+            continue
+        fields = record["fields"]
+        found = corpus_parser.read(uw_entry(fields["MESSAGE"], fields["SYSLOG_PID"], fields["SYSLOG_IDENTIFIER"]))
+        if record["grants"]:
+            assert isinstance(found, Login) and found.address == record["grants"], record["scenario"]
+        elif isinstance(found, SessionEnd):  # an end of a connection nobody opened a session for
+            assert record["scenario"].startswith("end of an"), record["scenario"]
+            assert close_session(grants, metadata, found.key, T0, BOUNDS) is None
+        else:
+            assert found is None, record["scenario"]
+
+
+@pytest.mark.parametrize("message", [
+    # Older UW versions' ipop3d, as Orca_Services' Pop.pm quotes it (ORCA in tests/unit/test_corpus.py):
+    # no comma before "while", and the counts after the host.
+    "Connection reset by peer while reading line user=luser555 host=[12.5.19.16]",
+    "Command stream end of file while reading line user=luser234 host=9-9-9-domain.pt [13.16.4.5]",
+    "Connection timed out while reading line user=luser7985 host=4-5-6.domain.pt [13.16.1.15]",
+    "Logout user=luser4 host=[14.6.8.10] nmsgs=0 ndele=0",
+    "Autologout user=luser5 host=3-0-0.domain.pt [13.16.1.18]",
+    # imapd 2004.357's inerror (): "%.80s, while %s user=%.80s host=%.80s".
+    "Command stream end of file, while reading literal user=alice host=[192.0.2.7]",
+    # A client with no reverse DNS name, and stdin no socket (tcp_clienthost ()'s other forms).
+    "Logout user=alice host=[2001:db8::7]",
+    "Logout user=alice host=UNKNOWN",
+])
+def test_older_and_other_forms_of_uw_end_lines_end_the_session_too(corpus_parser, message):
+    assert corpus_parser.read(uw_entry(message, identifier="ipop3d")) == SessionEnd("uw-imap", uw_key(), float(T0))
+
+
+@pytest.mark.parametrize("message", [
+    f"Update user=alice host={UW_HOST} nmsgs=3 ndele=1 nseen=3",
+    f"Fatal mailbox error user=alice host={UW_HOST} mbx=INBOX: Mailbox is not in valid format",
+    f"Overlong (20000) client literal user=alice host={UW_HOST}",
+    f"Retrying after disk error user=alice host={UW_HOST} mbx=INBOX: No space left on device",
+    "AUTHENTICATE Logout user=alice failure host=[192.0.2.7]",
+    f"Login failed user=Logout user=alice host=[192.0.2.7] auth=x host={UW_HOST}",
+    "imap service init from 192.0.2.7",
+    f"Line too long before authentication host={UW_HOST}",
+    f"Preauthenticated user=alice host={UW_HOST}",
+    # Not UW's wording: a reason it never writes, a reason holding `=`, text after the host.
+    f"Goodbye user=alice host={UW_HOST}",
+    f"Killed (by=root) user=alice host={UW_HOST}",
+    f"Logout user=alice host={UW_HOST} session=4250",
+])
+def test_lines_of_a_uw_connection_still_running_end_nothing(corpus_parser, message):
+    assert corpus_parser.read(uw_entry(message)) is None
+
+
+def test_uw_cuts_user_and_host_at_80_characters_and_a_line_longer_than_it_writes_ends_nothing(corpus_parser):
+    host = ("a-very-long-reverse-dns-name-of-a-dial-up-pool.customers.isp.example.net [192.0.2.9]")
+    user = "u" * 80
+    assert corpus_parser.read(uw_entry(f"Logout user={user} host={host[:80]}")) == SessionEnd(
+        "uw-imap", uw_key(), float(T0))
+    assert corpus_parser.read(uw_entry(f"Logout user={user} host={host[:81]}")) is None
+    assert corpus_parser.read(uw_entry(f"Logout user={user}u host={host[:80]}")) is None
+
+
+@pytest.mark.parametrize("name", [
+    "alice host=client.example.net [192.0.2.7]",
+    "alice host=[192.0.2.7] nmsgs=0 ndele=0",
+    "x _PID=4242 _BOOT_ID=9f63f569678647b982c6a1b2c3d4e5f6",
+    "Logout user=alice host=client.example.net [192.0.2.7]",
+    "alice\tcarol  dave",
+])
+def test_a_uw_user_name_cannot_end_another_connections_session(corpus_parser, name):
+    # alice is connected through process 4242; mallory's own connection (process 4250) logged in
+    # with a crafted name, and ends: only mallory's session ends.
+    grants, metadata = {}, {}
+    alice = corpus_parser.read(uw_entry(UW_LOGIN["imapd"]))
+    logged_in(grants, metadata, alice.session, T0, address="192.0.2.7")
+    mallory = corpus_parser.read(uw_entry(f"Login user={name} host=[198.51.100.4]", pid="4250", _UID="20001"))
+    assert (mallory.address, mallory.session) == ("198.51.100.4", uw_key("4250"))
+    logged_in(grants, metadata, mallory.session, T0, address="198.51.100.4", user=name)
+    end = corpus_parser.read(uw_entry(f"Logout user={name} host=[198.51.100.4]", pid="4250", _UID="20001"))
+    assert end == SessionEnd("uw-imap", uw_key("4250"), float(T0))
+    assert close_session(grants, metadata, end.key, T0 + 60, BOUNDS).address == "198.51.100.4"
+    assert grants["192.0.2.7"].held and grants["192.0.2.7"].is_live(T0 + 5 * 3600)
+
+
+@pytest.mark.parametrize("fields", [
+    {"_SYSTEMD_UNIT": "session-3.scope", "_UID": "1000"},  # `logger -t imapd` from a login session
+    {"_SYSTEMD_UNIT": "user@1000.service", "_UID": "1000"},  # from a user's own service
+    {"_SYSTEMD_UNIT": "run-u42.service", "_UID": "0"},  # root, but not the server's unit
+    {"_SYSTEMD_UNIT": None, "_UID": "20000"},  # plain journald: the mail user's uid is no evidence
+    {"_SYSTEMD_UNIT": None, "_UID": "1000"},
+])
+def test_a_uw_end_line_not_written_in_the_sources_unit_ends_nothing(corpus_parser, fields):
+    assert corpus_parser.read(uw_entry(f"Logout user=alice host={UW_HOST}", **fields)) is None
+
+
+def test_uw_sessions_open_only_under_systemd_as_uw_logs_their_ends_as_the_mail_user(tmp_path):
+    # Under a plain journald even an admin who lists the mail users as trusted (Users=) gets no
+    # sessions: their uids could write any end line, so UW's grants last the window after the login.
+    path = tmp_path / "poplock.conf"
+    path.write_text("[Source:uw-imap]\nUsers=0 20000\n")
+    parser = LoginParser(build_sources(load_config(str(path)), ["uw-imap"]).values(), sessions=True)
+    for uid in ("0", "20000"):
+        login = parser.read(uw_entry(UW_LOGIN["imapd"], _SYSTEMD_UNIT=None, _UID=uid))
+        assert login.address == "192.0.2.7" and login.session is None
+    assert parser.read(uw_entry(UW_LOGIN["imapd"])).session == uw_key()
+    # A login that its unit does not vouch for opens nothing, even from the right pid.
+    assert parser.read(uw_entry(UW_LOGIN["imapd"], _SYSTEMD_UNIT="session-3.scope")) is None
+
+
+def test_pid_1_stopping_inetd_ends_the_uw_sessions(tmp_path):
+    path = tmp_path / "poplock.conf"
+    path.write_text("")
+    parser = LoginParser(build_sources(load_config(str(path)), ["uw-imap"]).values(), sessions=True)
+    stopping = "Stopping inetd.service - Internet superserver..."
+    restart = parser.read(unit_job(STOPPING, unit="inetd.service", MESSAGE=stopping))
+    assert restart == ServerRestart("uw-imap", float(T0), stopping) and uw_key().startswith(restart.sessions_prefix)
+
+
+def test_pid_1_stopping_a_unit_two_sources_share_ends_the_sessions_of_both(tmp_path):
+    """solid-pop3d and UW both under inetd.service: one stop ends the sessions of each."""
+    path = tmp_path / "poplock.conf"
+    path.write_text("")
+    parser = LoginParser(build_sources(load_config(str(path)), ["solid-pop3d", "uw-imap"]).values(), sessions=True)
+    stopping = "Stopping inetd.service - Internet superserver..."
+    restart = parser.read(unit_job(STOPPING, unit="inetd.service", MESSAGE=stopping))
+    assert {restart.source, *restart.also} == {"solid-pop3d", "uw-imap"}
+    assert set(restart.sessions_prefixes) == {"solid-pop3d:", "uw-imap:"}
+
+
+def test_a_unit_that_failed_without_a_job_ends_its_sessions(corpus_parser):
+    """Its main process killed (OOM, SIGKILL) with no Restart=: PID 1 logs only the failure."""
+    failed = unit_job("d9b373ed55a64feb8242e02dbe79a49c", MESSAGE="dovecot.service: Failed with result 'signal'.")
+    assert corpus_parser.read(failed) == ServerRestart("dovecot", float(T0), "dovecot.service: Failed with result "
+                                                       "'signal'.")
