@@ -56,9 +56,10 @@ login takes the address, so one connection grants once. Per server:
   written by root, except after APOP (the mail user). Such a line is read only with
   LoginUsers=, and only when tcpd's or solid-pop3d's own root `connect from` line of the
   same process gave the same address.
-- UW imapd/ipop3d and qpopper: their lines hold the address; should a site find them
-  written as the mail user, LoginUsers= applies with their own root connection lines
-  (`imap service init from`, `Servicing request from`, tcpd's) as for solid-pop3d.
+- UW imapd/ipop3d and qpopper: their lines hold the address. UW writes its login and end
+  lines after it has become the mail user (its source says so), so under a plain journald
+  LoginUsers= applies with their own root connection lines (`imap service init from`,
+  `Servicing request from`, tcpd's) as for solid-pop3d; under systemd the unit vouches.
 
 Everything in the map is lost when the reader restarts: a login whose address line came
 before the saved journal position grants nothing (the client's next login does).
