@@ -8,9 +8,11 @@ lagging reader brings up to date, ends as the administrator left it: manual gran
 removals and flushes still in force after the logins that came before them.
 
 Trust as for logins, by what journald itself records: the entry must have come over the
-native protocol (_TRANSPORT=journal) from a process whose _UID may write the store (root
-or the store directory's owner), on this machine (_MACHINE_ID). Any user can send an entry with these fields and
-MESSAGE_IDs; only those users' entries change anything.
+native protocol (_TRANSPORT=journal) from a process whose _UID may write the store (root,
+the store directory's owner, and its group's members when the directory lets the group
+write: storewriter.store_writers), on this machine (_MACHINE_ID), and read from this host's
+own journal, never a received one (received.py). Any user can send an entry with these
+fields and MESSAGE_IDs; only those users' entries change anything.
 """
 
 from __future__ import annotations
