@@ -29,7 +29,7 @@ def describe(decision: Decision, now: float) -> str:
     """The one line every program logs for a decision (the account goes in POPLOCK_USER, not here)."""
     address = decision.address
     if decision.network is not None:
-        return f"relay allowed for {address}: static network {decision.network.text}"
+        return f"relay allowed for {address}: static network {decision.network}"
     grant = decision.grant
     if decision.allowed:
         return f"relay allowed for {address}: {grant.source} grant"

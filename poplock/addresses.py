@@ -202,7 +202,7 @@ class DenyList:
         if user is not None and user in self.users:
             return "its user"
         network = find_network(self.networks, address)
-        return f"network {network.text}" if network is not None else None
+        return f"network {network}" if network is not None else None  # as `show` writes it
 
 
 NO_DENIALS = DenyList([], frozenset())

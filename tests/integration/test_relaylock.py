@@ -64,7 +64,7 @@ def test_a_static_network_relays_without_any_grant(setup, tmp_path):
     with TcpServer(mailfront(tmp_path / "mailfront"), wrapper=relaylock(setup)) as server:
         assert try_relay(server.host, server.port, source="127.0.0.5")[0] == RELAYED
         assert try_relay(server.host, server.port, source="127.0.0.9")[0] == 550
-    assert "relay allowed for 127.0.0.5: static network 127.0.0.0/255.255.255.248" in server.log.read_text()
+    assert "relay allowed for 127.0.0.5: static network 127.0.0.0/29" in server.log.read_text()
 
 
 def test_qpsmtpd_needs_and_gets_a_true_relayclient_when_configured(granted, tmp_path):

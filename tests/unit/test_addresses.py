@@ -1,6 +1,6 @@
 import pytest
 
-from poplock.addresses import find_network, normalize_address, parse_allow_list, parse_network
+from poplock.addresses import find_network, normalize_address, parse_allow_list, parse_deny_list, parse_network
 from poplock.errors import AddressError, ConfigError
 
 
@@ -68,3 +68,9 @@ def test_every_bad_allow_list_line_is_named_with_file_and_line():
     assert len(caught.value.problems) == 2
     assert caught.value.problems[0].startswith("/etc/poplock/static-allowed:2: not an IP address: 'localhost'")
     assert caught.value.problems[1].startswith("/etc/poplock/static-allowed:4: ")
+
+
+def test_a_deny_list_network_is_named_in_prefix_form_however_it_was_written():
+    denials = parse_deny_list("10.0.0.0/255.0.0.0\n2001:db8:0:0::/64\n", "/etc/poplock/deny")
+    assert denials.denies("10.1.2.3", None) == "network 10.0.0.0/8"
+    assert denials.denies("2001:db8::9", None) == "network 2001:db8::/64"
