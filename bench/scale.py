@@ -238,7 +238,7 @@ def expire_figures(setup: Setup) -> dict:
     result = subprocess.run([command("poplock"), "-c", str(setup.config), "expire"], capture_output=True, text=True,
                             timeout=600)
     seconds = time.perf_counter() - started
-    found = re.search(r"purged (\d+) expired grants", result.stdout)
+    found = re.search(r"purged (\d+) expired grants?", result.stdout)
     if result.returncode != 0 or found is None:
         raise RuntimeError(f"poplock expire failed: {result.stdout}{result.stderr}")
     return {"expire": seconds, "expired": int(found.group(1))}
