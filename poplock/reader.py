@@ -34,7 +34,7 @@ from poplock.grants import MAX_GRANT_LENGTH, Grant, grant_for_login, merge_grant
 from poplock.logins import NO_ADDRESS, Drift, Login, LoginParser, ServerRestart, SessionEnd, Unmatched, UnmatchedLogins
 from poplock.logs import held_lines, iso_time, log_event, setup_logging
 from poplock.sessions import Bounds, close_session, end_sessions, note_instance, open_session, sweep_sessions
-from poplock.sources import Source, build_sources
+from poplock.sources import Source, as_received, build_sources
 from poplock.store import lookup_metadata, salvage_snapshot
 from poplock.storewriter import StoreWriter, store_writers
 
@@ -268,7 +268,7 @@ class Reader:
         parser = self._parsers.get(sender)
         if parser is None:
             parser = self._parsers[sender] = LoginParser(
-                [source for source in self.sources if source.reads_from(sender)],
+                [as_received(source) for source in self.sources if source.reads_from(sender)],
                 sessions=self.config.max_session_length > 0, sender=sender)
         return parser
 

@@ -31,7 +31,7 @@ import ipaddress
 import pwd
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from poplock.config import Config, unknown_source_problem
 from poplock.errors import ConfigError
@@ -131,6 +131,16 @@ class Source:
         if self.sessions is None:
             return []
         return [f"UNIT={u}" for u in self.units if not _is_glob(u)]
+
+
+def as_received(source: Source) -> Source:
+    """The source as it reads a journal received from a POP host: by its Units= alone when it
+    lists any. A uid names another account on each host (the names in Users= are this host's),
+    and on a host under systemd only root outside every unit writes an entry without
+    _SYSTEMD_UNIT, so a received entry counts only when its unit is one of the source's."""
+    if not source.units:
+        return source
+    return replace(source, uids=frozenset(), login_uids=frozenset())
 
 
 def _is_glob(unit: str) -> bool:

@@ -73,6 +73,9 @@ def test_logins_count_only_from_listed_hosts_whatever_the_entries_say(aggregator
     receiver.upload(POP_B, [login("192.0.2.12", now - 5, _HOSTNAME="popA")])
     # Untrusted by the source's own rule, as popA's journald recorded it: a user's `logger -t dovecot`.
     receiver.upload(POP_A, [login("192.0.2.67", now - 4, _SYSTEMD_UNIT="user@1000.service", _UID=1000)])
+    # No unit at all, as root: this host's Users= would trust it, but a uid is no proof on another host.
+    receiver.upload(POP_A, [{key: value for key, value in login("192.0.2.68", now - 3).items()
+                             if key != "_SYSTEMD_UNIT"}])
     for sender in (POP_A, POP_B, UNLISTED):
         receiver.wait_for_file(sender)
     result = aggregator.run_reader()
