@@ -132,3 +132,51 @@ def _uid(user: str) -> int:
     import pwd
 
     return pwd.getpwnam(user).pw_uid
+
+
+def container_files(users: dict[str, str], pop3_port: int, *, imap_port: int | None = None,
+                    listen: str = "127.0.0.1") -> dict[str, str]:
+    """/etc/dovecot files for Debian's own dovecot.service in a container (systemd-nspawn) root:
+    POP3 (and IMAP) without TLS on `listen`, logging through syslog into the journal, mail in
+    /srv/mail. Paths relative to the root, as nspawn.Container's files are."""
+    imap = f"""\
+service imap-login {{
+  inet_listener imap {{
+    port = {imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+""" if imap_port is not None else ""
+    return {
+        "etc/dovecot/dovecot.conf": f"""\
+protocols = pop3{' imap' if imap_port is not None else ''}
+listen = {listen}
+log_path = syslog
+syslog_facility = mail
+auth_verbose = yes
+auth_failure_delay = 0
+auth_mechanisms = plain login
+disable_plaintext_auth = no
+ssl = no
+mail_location = maildir:/srv/mail/%u
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN /etc/dovecot/users
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home=/srv/mail/%u
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = {pop3_port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+{imap}""",
+        "etc/dovecot/users": "".join(f"{user}:{{PLAIN}}{password}::::::\n" for user, password in users.items()),
+    }

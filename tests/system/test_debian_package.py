@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.dovecot import container_files
 from support.mailclients import pop3_login
 from support.nspawn import Container, build_root, wait_until
 from support.ports import free_port, wait_for_port
@@ -222,34 +223,7 @@ class Host:
 
 def dovecot_configuration(pop3_port: int) -> dict[str, str]:
     """Dovecot on a loopback port, logging through syslog into the journal as dovecot.service."""
-    return {
-        "etc/dovecot/dovecot.conf": f"""\
-protocols = pop3
-listen = 127.0.0.1
-log_path = syslog
-auth_failure_delay = 0
-disable_plaintext_auth = no
-ssl = no
-mail_location = maildir:/srv/mail/%u
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN /etc/dovecot/users
-}}
-userdb {{
-  driver = static
-  args = uid=nobody gid=nogroup home=/srv/mail/%u
-}}
-service pop3-login {{
-  inet_listener pop3 {{
-    port = {pop3_port}
-  }}
-  inet_listener pop3s {{
-    port = 0
-  }}
-}}
-""",
-        "etc/dovecot/users": f"{USER}:{{PLAIN}}{PASSWORD}::::::\n",
-    }
+    return container_files({USER: PASSWORD}, pop3_port)
 
 
 def prepare_root(root: Path, builds: dict[str, Build], pop3_port: int) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.dovecot import container_files
 from support.mailclients import imap_connection, pop3_login
 from support.nspawn import Container, build_root, wait_until
 from support.ports import free_port, wait_for_port
@@ -139,35 +140,7 @@ def configure(root: Path, pop3_port: int, smtp_port: int) -> None:
     """What the admin of the container writes: Dovecot's configuration, mailfront's, and drop-ins."""
     files = {
         # Dovecot on loopback only, logging through syslog into the journal as dovecot.service.
-        "etc/dovecot/dovecot.conf": f"""\
-protocols = pop3
-listen = 127.0.0.1
-log_path = syslog
-syslog_facility = mail
-auth_verbose = yes
-auth_failure_delay = 0
-auth_mechanisms = plain login
-disable_plaintext_auth = no
-ssl = no
-mail_location = maildir:/srv/mail/%u
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN /etc/dovecot/users
-}}
-userdb {{
-  driver = static
-  args = uid=nobody gid=nogroup home=/srv/mail/%u
-}}
-service pop3-login {{
-  inet_listener pop3 {{
-    port = {pop3_port}
-  }}
-  inet_listener pop3s {{
-    port = 0
-  }}
-}}
-""",
-        "etc/dovecot/users": f"{USER}:{{PLAIN}}{PASSWORD}::::::\n",
+        **container_files({USER: PASSWORD}, pop3_port),
         # mailfront accepts mail for the local domain; other recipients need RELAYCLIENT.
         f"{QMAILHOME.lstrip('/')}/control/rcpthosts": f"{LOCAL_DOMAIN}\n",
         # `systemctl edit poplock-smtp.socket`: a loopback port of our own instead of 25.
@@ -564,16 +537,6 @@ def test_journalctl_finds_a_clients_events_by_its_address_and_each_event_by_its_
 
 # --- 7. a server stopped without a word of its own ---------------------------------------------------
 
-IMAP_SERVICE = """\
-service imap-login {{
-  inet_listener imap {{
-    port = {port}
-  }}
-  inet_listener imaps {{
-    port = 0
-  }}
-}}
-"""
 
 
 def test_pid_1_stopping_dovecot_ends_the_session_of_a_connected_imap_client_when_dovecot_logs_nothing(site):
@@ -581,8 +544,8 @@ def test_pid_1_stopping_dovecot_ends_the_session_of_a_connected_imap_client_when
     connected = "127.0.0.41"
     imap_port = free_port()
     configuration = container.read_file("/etc/dovecot/dovecot.conf")
-    container.write_file("/etc/dovecot/dovecot.conf", configuration.replace(
-        "protocols = pop3\n", "protocols = pop3 imap\n") + IMAP_SERVICE.format(port=imap_port))
+    with_imap = container_files({USER: PASSWORD}, site.pop3_port, imap_port=imap_port)
+    container.write_file("/etc/dovecot/dovecot.conf", with_imap["etc/dovecot/dovecot.conf"])
     # `systemctl edit dovecot.service`: stopped with SIGKILL instead of `doveadm stop`, so that no
     # Dovecot process logs its end.
     killed = container.write_file("/etc/systemd/system/dovecot.service.d/kill.conf",
