@@ -378,3 +378,66 @@ def test_every_message_id_is_listed_with_its_name_in_poplock_8():
     for event in EVENTS:
         assert f"\n.It Li {event.message_id} Pq {event.name}\n" in text, event.name
 
+
+# --- poplock-cluster(7): its files are ones poplock and systemd take ------------------------------
+
+def cluster_guide_files(section: str) -> dict[str, str]:
+    """The files poplock-cluster(7) gives in `.Sh SECTION`: each literal display whose first line is `# /path`."""
+    text = page_text("poplock-cluster.7")
+    start = text.index(f"\n.Sh {section}\n")
+    end = text.find("\n.Sh ", start + 1)
+    files = {}
+    for block in re.findall(r"^\.Bd -literal[^\n]*\n(.*?)^\.Ed$", text[start:end], re.M | re.S):
+        first, _, rest = block.replace("\\&", "").replace("\\e", "\\").partition("\n")
+        if re.fullmatch(r"# /\S+", first):
+            files[first[2:]] = rest
+    return files
+
+
+def test_the_cluster_guides_poplock_settings_are_ones_poplock_takes(tmp_path):
+    from poplock.config import load_config
+    from poplock.sources import build_sources
+
+    for section, check in (("THE DECIDING HOST", "reader"), ("MTA HOSTS", "relaylock")):
+        directory = tmp_path / check
+        (directory / "poplock.conf.d").mkdir(parents=True)
+        (directory / "poplock.conf").write_text("")
+        settings = {path: text for path, text in cluster_guide_files(section).items()
+                    if path.startswith("/etc/poplock/")}
+        assert len(settings) == 1, (section, sorted(settings))
+        for path, text in settings.items():
+            (directory / "poplock.conf.d" / Path(path).name).write_text(text)
+        config = load_config(str(directory / "poplock.conf"))
+        if check == "reader":
+            assert config.received_directory == "/var/log/journal/remote"
+            assert build_sources(config)["dovecot"].hosts == {"192.0.2.11", "192.0.2.12"}
+        else:
+            assert (config.relaylock_server, config.relay_client) == ("192.0.2.1:7025", "1")
+
+
+def test_the_cluster_guides_units_and_drop_ins_are_ones_systemd_takes(tmp_path):
+    """systemd-analyze verify on a root with poplock installed, systemd's units, and the guide's files."""
+    subprocess.run(["make", "-s", "install", f"DESTDIR={tmp_path}", "PREFIX=/usr"], cwd=REPOSITORY, check=True,
+                   capture_output=True, timeout=300)
+    shutil.copytree("/usr/lib/systemd/system", tmp_path / "usr/lib/systemd/system", dirs_exist_ok=True,
+                    symlinks=True, ignore=shutil.ignore_patterns("poplock*"))
+    # The programs the units run, where they name them (Debian 12 is merged-/usr).
+    (tmp_path / "lib").symlink_to("usr/lib")
+    for program in ("/usr/lib/systemd/systemd-journal-remote", "/usr/lib/systemd/systemd-journal-upload",
+                    "/usr/bin/journalctl"):
+        (tmp_path / program.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(program, tmp_path / program.lstrip("/"))
+    units = set()
+    for section in ("POP HOSTS", "THE DECIDING HOST", "OLD FILES"):
+        for path, text in cluster_guide_files(section).items():
+            if path.startswith("/etc/systemd/system/"):
+                target = tmp_path / path.lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+                units.add(Path(path).parent.name.removesuffix(".d") if path.endswith(".conf") else Path(path).name)
+    assert units == {"systemd-journal-upload.service", "systemd-journal-remote.service",
+                     "systemd-journal-remote.socket", "poplock-reader.service", "poplock-policy.socket",
+                     "poplock-socketmap.socket", "journal-remote-vacuum.service", "journal-remote-vacuum.timer"}
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={tmp_path}", *sorted(units)],
+                            capture_output=True, text=True)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
