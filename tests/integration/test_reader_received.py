@@ -12,6 +12,7 @@ import time
 
 import pytest
 from support.journalremote import JournalReceiver
+from support.netns import network_namespace
 from support.poplock import ReaderProcess
 
 from poplock.received import decode_positions, encode_positions, sender_of
@@ -267,3 +268,20 @@ def test_two_readers_of_the_same_received_journals_reach_the_same_grants(tmp_pat
 
     assert comparable(grants(first)) == comparable(grants(second))
     assert len(grants(first)) == 39 + 40 + 29 - 20
+
+
+def test_ipv6_senders_and_ipv4_ones_at_a_dual_stack_receiver_are_named_and_listed_by_their_address(setup, tmp_path):
+    """journal-remote names an IPv6 sender's file by its compressed address, and an IPv4 sender
+    reaching an IPv6 socket by its IPv4 address (not ::ffff:...): what Hosts= must match."""
+    now = time.time()
+    with network_namespace("2001:db8::11", "2001:db8::12", "192.0.2.211"), \
+            JournalReceiver(tmp_path / "remote", host=None) as receiver:
+        receiver.upload("2001:db8::11", [login("192.0.2.10", now - 3)])
+        receiver.upload("2001:db8::12", [login("192.0.2.11", now - 2)])
+        receiver.upload("192.0.2.211", [login("192.0.2.12", now - 1)])
+        for sender in ("2001:db8::11", "2001:db8::12", "192.0.2.211"):
+            receiver.wait_for_file(sender)
+    setup.write(extra=f"Sources=dovecot\nDirectory={receiver.directory}\n\n"
+                      f"[Source:dovecot]\nHosts=2001:DB8:0:0:0:0:0:11 ::ffff:192.0.2.211\n")
+    setup.run_reader()
+    assert sorted(grants(setup)) == ["192.0.2.10", "192.0.2.12"]

@@ -26,22 +26,27 @@ JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
 
 
 class JournalReceiver(Service):
-    """systemd-journal-remote --listen-http on 127.0.0.1 (or ::1), writing under `directory`."""
+    """systemd-journal-remote --listen-http on 127.0.0.1 (or ::1), writing under `directory`;
+    `host=None` listens on every address, IPv6 and IPv4 on one socket (only inside a private
+    network namespace: tests.support.netns)."""
 
-    def __init__(self, directory: Path, *, host: str = "127.0.0.1"):
+    def __init__(self, directory: Path, *, host: str | None = "127.0.0.1"):
         self.directory = directory
         self.host = host
-        self.port = free_port(host)
+        self.port = free_port(host or "::")
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "JournalReceiver":
         self.directory.mkdir(parents=True, exist_ok=True)
-        listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.host is None:
+            listen = str(self.port)
+        else:
+            listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         self.log = open(self.directory.parent / f"journal-remote-{self.port}.log", "ab")
         self.process = subprocess.Popen(
             [JOURNAL_REMOTE, f"--listen-http={listen}", "--split-mode=host", "-o", f"{self.directory}/"],
             stdout=self.log, stderr=self.log, start_new_session=True)
-        wait_for_port(self.host, self.port)
+        wait_for_port(self.host or "::1", self.port)
         return self
 
     def stop(self) -> None:
@@ -59,7 +64,8 @@ class JournalReceiver(Service):
     def upload(self, sender: str, entries: Iterable[Mapping[str, object]]) -> None:
         """Send entries from source address `sender`, as that host's uploader would."""
         body = b"".join(export_entry(_complete(fields)) for fields in entries)
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=10, source_address=(sender, 0))
+        host = self.host or ("::1" if ":" in sender else "127.0.0.1")
+        connection = http.client.HTTPConnection(host, self.port, timeout=10, source_address=(sender, 0))
         try:
             connection.request("POST", "/upload", body=body,
                                headers={"Content-Type": "application/vnd.fdo.journal"})
@@ -81,9 +87,6 @@ class JournalReceiver(Service):
                 raise TimeoutError(f"{path} did not appear")
             time.sleep(0.02)
         return path
-
-
-BOOT_IDS: dict[str, str] = {}
 
 
 def _complete(fields: Mapping[str, object]) -> dict:
