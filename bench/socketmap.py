@@ -112,7 +112,7 @@ def measure(port: int) -> tuple[float, list[float]]:
 READER = """
 import asyncio, os, sys
 async def answer(reader, writer):
-    while (line := await reader.readline()) == b"sync\\n":
+    while (line := await reader.readline()) in (b"sync\\n", b"sync grants\\n"):
         writer.write(b"ok\\n")
         await writer.drain()
     writer.close()

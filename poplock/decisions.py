@@ -35,6 +35,7 @@ class Snapshots:
         self._networks_identity = None
         self._denials: DenyList = NO_DENIALS
         self._denials_identity = None
+        self.fresh: dict = {}  # key -> Grant: made by the reader's last read, its commit not yet published
 
     def _identity(self, path: str):
         if path in self._looked:
@@ -53,6 +54,12 @@ class Snapshots:
         self._looked.clear()
         self._forget_scheduled = False
 
+    def read_again(self, fresh: dict | None = None) -> None:
+        """After the reader's read: look at the files again, and count the grants it made that
+        are not published yet (`fresh`, key -> Grant) until the next read_again()."""
+        self.fresh = fresh or {}
+        self.forget()
+
     def denials(self) -> DenyList:
         identity = self._identity(self.config.deny_file)
         if identity != self._denials_identity:
@@ -68,6 +75,9 @@ class Snapshots:
         return self._networks
 
     def grant(self, address: str):
+        fresh = self.fresh.get(address)
+        if fresh is not None:
+            return fresh
         identity = self._identity(self.config.store_path)
         if identity != self._snapshot_identity:
             self.close()
@@ -101,15 +111,20 @@ class ReaderSync:
     One question is in flight at a time; refusals that come while it is answer after the
     next one, since their login may have been logged after the read began: a flood of
     refusals costs the reader one read per round trip, not one each. The questions go over
-    one connection kept open (a line `sync` each, a line `ok` back), made again after a
-    failure: a new connection per question cost more than the question. A reader that does
-    not answer within ReaderWait= leaves the store as it is."""
+    one connection kept open, made again after a failure: a new connection per question
+    cost more than the question. The question `sync grants` is answered `ok` and the grants
+    the read made, before the reader's commit is synced and published (a commit's syncs took
+    up to hundreds of milliseconds on a busy disk), when both ends run as the same user or
+    root (SO_PEERCRED, checked here too: a socket made by anyone else tells nothing). A
+    reader that does not answer within ReaderWait= leaves the store as it is."""
 
     def __init__(self, path: str, wait: float, warnings: Warnings, on_read=None):
         self.path = path
         self.wait = wait
         self.warnings = warnings
-        self.on_read = on_read  # called once a read is over, before the refusals waiting for it decide again
+        # Called once a read is over with the grants it made (key -> Grant), before the refusals
+        # waiting for it decide again, and with none after them.
+        self.on_read = on_read
         self.asked = 0  # questions sent to the reader (for the benchmark and the status)
         self._next: list = []  # (callback, future) waiting for the next read
         self._in_flight = False
@@ -128,31 +143,40 @@ class ReaderSync:
         self._in_flight = True
         self.asked += 1
         task = asyncio.get_running_loop().create_task(self._exchange())
-        task.add_done_callback(lambda _: self._answered(waiting))
+        task.add_done_callback(lambda done: self._answered(waiting, done.result()))
 
-    async def _exchange(self) -> None:
+    async def _exchange(self) -> dict:
+        """The grants the read made that its answer gives (key -> Grant); {} for none or no answer."""
         try:
             async with asyncio.timeout(self.wait):
                 if self._link is None or self._link.lost:
                     _, self._link = await asyncio.get_running_loop().create_unix_connection(_ReaderLink, self.path)
                 answer = await self._link.ask()
-            if answer != b"ok":
+            if answer == b"ok":
+                return {}
+            if not answer.startswith(b"ok "):
                 raise ConnectionError(f"it answered {answer[:40]!r}")
-        except (OSError, TimeoutError, ConnectionError) as error:
+            return self._link.grants(answer[3:])
+        except (OSError, TimeoutError, ConnectionError, ValueError) as error:
             if self._link is not None:  # its state is unknown now: the next question makes a new one
                 self._link.close()
                 self._link = None
             self.warnings.warn("reader silent", "poplock-reader did not read the journal for a refusal within "
                                "[Store] ReaderWait=%s (%s): deciding from the store as it is",
                                describe_span(self.wait), getattr(error, "strerror", None) or error or "no answer")
+            return {}
 
-    def _answered(self, waiting: list) -> None:
+    def _answered(self, waiting: list, fresh: dict) -> None:
         self._in_flight = False
         if self.on_read is not None:
-            self.on_read()
-        for callback, future in waiting:
-            if not future.done():
-                future.set_result(callback())
+            self.on_read(fresh)
+        try:
+            for callback, future in waiting:
+                if not future.done():
+                    future.set_result(callback())
+        finally:
+            if fresh and self.on_read is not None:
+                self.on_read({})  # published by the time the reader answers the next question
         if self._next:
             self._ask()
 
@@ -165,7 +189,7 @@ class ReaderSync:
 class _ReaderLink(asyncio.Protocol):
     """The connection to poplock-reader's ReaderSocket=: one question at a time, its answer a line."""
 
-    MAX_ANSWER = 64  # bytes: "ok" or "error"; anything longer is not the reader
+    MAX_ANSWER = 512 * 1024  # bytes: "ok", "error", or "ok" and up to 1,000 grants
 
     def __init__(self):
         self.transport = None
@@ -175,11 +199,27 @@ class _ReaderLink(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.peer_may_tell = _peer_is_us(transport.get_extra_info("socket"))
 
     def ask(self) -> asyncio.Future:
         self._answer = asyncio.get_running_loop().create_future()
-        self.transport.write(b"sync\n")
+        self.transport.write(b"sync grants\n" if self.peer_may_tell else b"sync\n")
         return self._answer
+
+    def grants(self, text: bytes) -> dict:
+        """The grants of an answer `ok {...}`: key -> Grant; nothing unless the peer may tell them.
+        Raises ValueError for an answer that is not the reader's."""
+        import json
+
+        from poplock.grants import decode_grant
+
+        if not self.peer_may_tell:
+            return {}
+        found = json.loads(text)
+        if not isinstance(found, dict):
+            raise ValueError("its grants are not a JSON object")
+        return {key: decode_grant(key, value.encode("utf-8", "surrogateescape")) for key, value in found.items()
+                if isinstance(key, str) and isinstance(value, str)}
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -207,3 +247,18 @@ class _ReaderLink(asyncio.Protocol):
         self.lost = True
         if self.transport is not None:
             self.transport.close()
+
+
+def _peer_is_us(connection) -> bool:
+    """The socket's peer runs as root or as this process's user (SO_PEERCRED)."""
+    import socket
+    import struct
+
+    if connection is None:
+        return False
+    try:
+        _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                               struct.calcsize("3i")))
+    except OSError:
+        return False
+    return uid in (0, os.geteuid())

@@ -53,7 +53,7 @@ class PolicyHandler:
         self.decisions = 0
         self.allowed = 0
         self._replies = {DUNNO: format_reply(DUNNO), config.policy_action: format_reply(config.policy_action)}
-        self.sync = ReaderSync(config.reader_socket, config.reader_wait, warnings, self.snapshots.forget) if (
+        self.sync = ReaderSync(config.reader_socket, config.reader_wait, warnings, self.snapshots.read_again) if (
             config.reader_socket and config.reader_wait) else None
 
     def decoder(self) -> RequestBuffer:

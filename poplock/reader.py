@@ -94,6 +94,8 @@ class Reader:
         self._denials: DenyList = NO_DENIALS
         self._denials_identity = None
         self._over_limit_warned: dict[str, float] = {}  # user -> when the last over-limit warning was
+        # Called with the grants a read made, before its commit is synced and published (run()).
+        self.before_publish: Callable[[dict[str, Grant]], None] | None = None
 
     @property
     def _cursor_key(self) -> str:
@@ -212,7 +214,7 @@ class Reader:
             if count == 0 and self._initial is None:
                 return total
             try:
-                self._commit(items, last_cursor)
+                self._commit(items, last_cursor, last=count < BATCH)
             except CursorMoved as moved:  # `poplock rebuild` ran, or the store was removed
                 self.cursor = moved.cursor
                 if moved.cursor is None:
@@ -281,7 +283,9 @@ class Reader:
         log_event(log, logging.WARNING, events.LOGIN_UNMATCHED, "%s logged %s since %s: %s; %s. The latest: %s",
                   drift.source, lines, iso_time(drift.first), what, since, drift.last.message, source=drift.source)
 
-    def _commit(self, items: list, cursor: str | None) -> None:
+    def _commit(self, items: list, cursor: str | None, *, last: bool = True) -> None:
+        """One batch in one transaction. `last`: nothing more is there to read now, so the grants
+        this batch makes are all a decision waiting for this read needs (before_publish)."""
         now = self.clock()
         window = self.config.window
         bounds = Bounds(window, self.config.max_session_length)
@@ -313,7 +317,7 @@ class Reader:
                         ended.append(("ended", item.source, 1, [released]))
                     continue
                 if isinstance(item, ServerRestart):
-                    for name, prefix in zip((item.source, *item.also), item.sessions_prefixes):
+                    for name, prefix in zip((item.source, *item.also), item.sessions_prefixes, strict=True):
                         count, released = end_sessions(grants, metadata, prefix, min(item.time, now), bounds)
                         if count:
                             ended.append(("restart", name, count, released))
@@ -338,6 +342,10 @@ class Reader:
                     ended.append(("bound", None, len(released), released))
                 self._next_sweep = now + SESSION_SWEEP_INTERVAL
             self.grant_count = len(transaction.grants)
+            if last and self.before_publish is not None:
+                made = {detail.address: detail for kind, detail, *_ in changes
+                        if kind in ("granted", "extended") and detail.is_live(now)}
+                self.before_publish(made)
         self._initial = None
         self._replace = self._keep_damaged = False
         if replaced:
@@ -510,6 +518,7 @@ class SyncListener:
 
     MAX_CONNECTIONS = 256
     MAX_PENDING = 4096  # bytes of questions a connection may have sent unanswered
+    MAX_EARLY_GRANTS = 1000  # grants in one early answer; a read that made more is answered once committed
 
     def __init__(self, path: str):
         import socket
@@ -528,6 +537,8 @@ class SyncListener:
         self.socket.setblocking(False)
         self._connections: dict[int, object] = {}  # descriptor -> connection, the longest quiet first
         self._questions: dict[int, int] = {}  # descriptor -> questions it waits the answers of
+        self._early: set[int] = set()  # of those, the ones whose questions may be answered early
+        self._trusted: set[int] = set()  # connections whose peers may see grants (_may_see_grants)
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -556,7 +567,23 @@ class SyncListener:
             if len(self._connections) >= self.MAX_CONNECTIONS:
                 self._drop(next(iter(self._connections)))
             self._connections[connection.fileno()] = connection
+            if self._may_see_grants(connection):
+                self._trusted.add(connection.fileno())
             self._read(connection.fileno())  # a one-shot asker has sent its question already
+
+    @staticmethod
+    def _may_see_grants(connection) -> bool:
+        """The peer runs as root or as this reader's user: it may read the store, so it may be told
+        the grants a read made before they are there (SO_PEERCRED: the kernel's word, not the peer's)."""
+        import socket
+        import struct
+
+        try:
+            _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                   struct.calcsize("3i")))
+        except OSError:
+            return False
+        return uid in (0, os.geteuid())
 
     def _read(self, fd: int) -> None:
         connection = self._connections[fd]
@@ -574,24 +601,53 @@ class SyncListener:
         if count:
             self._questions[fd] = self._questions.get(fd, 0) + count
             self._connections[fd] = self._connections.pop(fd)  # the most recently heard from last
+            if count == 1 and fd in self._trusted and data.endswith(b"sync grants\n"):
+                self._early.add(fd)
+
+    def answer_early(self, grants: dict) -> None:
+        """Answer the questions `sync grants` of peers that may see grants, before the read's commit
+        is synced and published: `ok` and the grants it made, as JSON {key: encoded grant}. The
+        journal holds those logins, so the decision may count them at once; a commit that then
+        fails is tried again from the journal. Too many for one line: they wait for the commit."""
+        if not self._early:
+            return
+        if len(grants) > self.MAX_EARLY_GRANTS:
+            self._early.clear()
+            return
+        import json
+
+        from poplock.grants import encode_grant
+
+        line = b"ok " + json.dumps({key: encode_grant(grant).decode("utf-8", "surrogateescape")
+                                    for key, grant in grants.items()}).encode() + b"\n" if grants else b"ok\n"
+        early, self._early = self._early, set()
+        for fd in early:
+            if self._questions.pop(fd, None):
+                self._send(fd, line)
 
     def answer(self, answer: bytes) -> None:
         """Answer every question taken, one line each."""
+        self._early.clear()
         questions, self._questions = self._questions, {}
         for fd, count in questions.items():
-            connection = self._connections.get(fd)
-            if connection is None:
-                continue
-            try:
-                sent = connection.send(answer * count)
-            except OSError:  # gone, or it stopped waiting
-                sent = -1
-            if sent != len(answer) * count:  # a full buffer: it is not reading its answers
-                self._drop(fd)
+            self._send(fd, answer * count)
+
+    def _send(self, fd: int, data: bytes) -> None:
+        connection = self._connections.get(fd)
+        if connection is None:
+            return
+        try:
+            sent = connection.send(data)
+        except OSError:  # gone, or it stopped waiting
+            sent = -1
+        if sent != len(data):  # a full buffer: it is not reading its answers
+            self._drop(fd)
 
     def _drop(self, fd: int) -> None:
         connection = self._connections.pop(fd, None)
         self._questions.pop(fd, None)
+        self._early.discard(fd)
+        self._trusted.discard(fd)
         if connection is not None:
             connection.close()
 
@@ -682,6 +738,8 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
     writer = reader.writer
     merging = None  # the descriptor that turns readable when a merge into a new base is done
     waiting = False  # decisions wait for the journal to be read up to now
+    if sync is not None:  # the questions `sync grants` are answered before the commit's syncs
+        reader.before_publish = sync.answer_early
     last_reopen = 0.0
     while not stop.requested:
         pause = None

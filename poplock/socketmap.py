@@ -56,7 +56,7 @@ class SocketmapHandler:
         self.names = frozenset(name.encode() for name, _ in config.socketmap_maps)
         self._found = {name: format_reply(OK, value) for name, value in config.socketmap_maps}
         self._refusals_level = logging.INFO if config.socketmap_log_refused else logging.DEBUG
-        self.sync = ReaderSync(config.reader_socket, config.reader_wait, warnings, self.snapshots.forget) if (
+        self.sync = ReaderSync(config.reader_socket, config.reader_wait, warnings, self.snapshots.read_again) if (
             config.reader_socket and config.reader_wait) else None
 
     def decoder(self) -> RequestBuffer:

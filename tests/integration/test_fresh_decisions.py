@@ -5,12 +5,13 @@ On a real journald, with the real reader, `poplock check`, relaylock and poplock
 
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
-from support.journald import unique_tag
+from support.journald import send_until_readable, unique_tag
 from support.poplock import PolicyProcess, ReaderProcess, Setup, command
-from systemd import journal
+from support.processes import reachable_by_everyone
 
 TRIALS = 40
 
@@ -33,21 +34,7 @@ def fresh(journald, tmp_path):
 
 def logged_and_readable(setup, address: str) -> None:
     """Log a trusted login, and return once any journal reader can read it."""
-    watcher = journal.Reader()
-    watcher.add_match(SYSLOG_IDENTIFIER=setup.tag)
-    watcher.seek_tail()
-    watcher.get_previous()
-    journal.send(login_line(address), SYSLOG_IDENTIFIER=setup.tag)
-    deadline = time.monotonic() + 10
-    while True:
-        entry = watcher.get_next()
-        if entry and address in entry["MESSAGE"]:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the login from {address} never became readable")
-        watcher.process()
-        time.sleep(0.0005)
-    watcher.close()
+    send_until_readable(login_line(address), setup.tag)
 
 
 def test_poplock_check_right_after_a_login_says_yes_every_time(fresh):
@@ -178,3 +165,69 @@ def test_the_policy_service_asks_over_one_connection_and_makes_another_when_the_
                     logged_and_readable(fresh, address)
                     assert action(address) == b"action=OK\n", (round_number, index)
         connection.close()
+
+
+def test_a_peer_of_the_readers_own_user_asking_for_grants_is_told_them_and_any_other_is_not(fresh, tmp_path):
+    """`sync grants` is answered with the grants the read made, before they are synced and published,
+    only to root or the reader's user (SO_PEERCRED): the store is theirs to read anyway."""
+    import json
+
+    reachable_by_everyone(fresh.directory)
+    with ReaderProcess(fresh):
+        path = str(fresh.directory / "reader.sock")
+        told_early = []
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(10)
+            connection.connect(path)
+            answers = connection.makefile("rb")
+            for index in range(40):  # the reader may have read a login by itself before the question
+                address = f"10.87.0.{index}"
+                logged_and_readable(fresh, address)
+                connection.sendall(b"sync grants\n")
+                answer = answers.readline()
+                if answer == b"ok\n":
+                    assert fresh.may_relay(address)  # read and committed before the question came
+                    continue
+                assert answer.startswith(b"ok {"), answer
+                told = json.loads(answer[3:])
+                assert list(told) == [address] and told[address].startswith(("2 ", "3 ")), told
+                told_early.append(address)
+                break
+        assert told_early  # the question came before the reader had read: told with its answer
+        logged_and_readable(fresh, "10.87.1.2")
+        asked_as_nobody = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c",
+             "import socket, sys\n"
+             "c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.settimeout(10); c.connect(sys.argv[1])\n"
+             "c.sendall(b'sync grants\\n'); sys.stdout.buffer.write(c.makefile('rb').readline())\n", path],
+            capture_output=True, timeout=30)
+        assert asked_as_nobody.stdout == b"ok\n", asked_as_nobody
+        assert fresh.may_relay("10.87.1.2")  # answered once committed
+
+
+def test_grants_told_by_a_socket_that_another_user_made_count_for_nothing(fresh, tmp_path):
+    """Whoever could bind ReaderSocket= first must not be able to open the relay with a made-up answer."""
+    path = fresh.directory / "reader.sock"
+    reachable_by_everyone(fresh.directory)
+    fresh.directory.chmod(0o777)  # for nobody to make its socket there
+    liar = subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c",
+         "import os, socket, sys\n"
+         "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.bind(sys.argv[1]); os.chmod(sys.argv[1], 0o666)\n"
+         "s.listen(8); print('listening', flush=True)\n"
+         "while True:\n"
+         "    c, _ = s.accept()\n"
+         "    while c.recv(64):\n"
+         "        c.sendall(b'ok {\"10.87.2.1\": \"2 9999999999 0 dovecot mallory\"}\\n')\n", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert liar.stdout.readline() == "listening\n"
+        with PolicyProcess(fresh) as policy:
+            connection = socket.create_connection(("127.0.0.1", policy.port), timeout=10)
+            replies = connection.makefile("rb")
+            connection.sendall(b"request=smtpd_access_policy\nclient_address=10.87.2.1\n\n")
+            assert replies.readline() == b"action=DUNNO\n"
+            connection.close()
+    finally:
+        liar.kill()
+        liar.wait(10)

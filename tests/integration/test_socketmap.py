@@ -4,10 +4,10 @@ import re
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from support.journald import send_until_readable
 from support.poplock import ReaderProcess, Setup, command
 from support.ports import free_port, wait_for_port
 from support.processes import reachable_by_everyone
@@ -262,23 +262,7 @@ def fresh(journald, tmp_path):
 
 def logged_and_readable(setup, address: str) -> None:
     """Log a trusted login, and return once any journal reader can read it."""
-    from systemd import journal
-
-    watcher = journal.Reader()
-    watcher.add_match(SYSLOG_IDENTIFIER=setup.tag)
-    watcher.seek_tail()
-    watcher.get_previous()
-    journal.send(login_line(address), SYSLOG_IDENTIFIER=setup.tag)
-    deadline = time.monotonic() + 10
-    while True:
-        entry = watcher.get_next()
-        if entry and address in entry["MESSAGE"]:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the login from {address} never became readable")
-        watcher.process()
-        time.sleep(0.0005)
-    watcher.close()
+    send_until_readable(login_line(address), setup.tag)
 
 
 def ask_as_exim(port: int, key: str) -> bytes:

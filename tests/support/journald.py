@@ -209,3 +209,43 @@ def write_journal_file(path: Path, entries: Iterable[Mapping[str, object]]) -> P
         capture_output=True,
     )
     return path
+
+
+def send_until_readable(message: str, identifier: str, timeout: float = 10.0) -> None:
+    """Log `message` as `identifier` and return once a journal reader can read it.
+
+    One reader follows as it goes, and a fresh one looks at the newest entry every 20 ms:
+    systemd 252's reader with matches sometimes does not return the newest matching entry
+    until another arrives (follow.py), and a test must not wait for one that never comes.
+    """
+    from systemd import journal
+
+    watcher = journal.Reader()
+    watcher.add_match(SYSLOG_IDENTIFIER=identifier)
+    watcher.seek_tail()
+    watcher.get_previous()
+    journal.send(message, SYSLOG_IDENTIFIER=identifier)
+    deadline = time.monotonic() + timeout
+    next_fresh_look = time.monotonic() + 0.02
+    try:
+        while True:
+            entry = watcher.get_next()
+            if entry and entry["MESSAGE"] == message:
+                return
+            if time.monotonic() >= next_fresh_look:
+                fresh = journal.Reader()
+                try:
+                    fresh.add_match(SYSLOG_IDENTIFIER=identifier)
+                    fresh.seek_tail()
+                    newest = fresh.get_previous()
+                finally:
+                    fresh.close()
+                if newest and newest["MESSAGE"] == message:
+                    return
+                next_fresh_look = time.monotonic() + 0.02
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{message!r} never became readable")
+            watcher.process()
+            time.sleep(0.0005)
+    finally:
+        watcher.close()
