@@ -514,7 +514,8 @@ class SyncListener:
     of refusals costs one read per turn of the loop, not one each. A connection may stay
     open for further questions (the decision services keep theirs). Anyone may ask (mode
     0666): an answer reveals nothing, and a read that finds nothing new costs next to
-    nothing; so the connections kept are bounded, the longest quiet closed first."""
+    nothing; so the connections kept are bounded, the longest quiet closed first, those of
+    the reader's own user (the decision services) only when no other is left."""
 
     MAX_CONNECTIONS = 256
     MAX_PENDING = 4096  # bytes of questions a connection may have sent unanswered
@@ -564,8 +565,9 @@ class SyncListener:
             except OSError:  # out of descriptors, say: answer those already taken
                 return
             connection.setblocking(False)
-            if len(self._connections) >= self.MAX_CONNECTIONS:
-                self._drop(next(iter(self._connections)))
+            if len(self._connections) >= self.MAX_CONNECTIONS:  # the quietest goes, the services' last
+                self._drop(next((fd for fd in self._connections if fd not in self._trusted),
+                                next(iter(self._connections))))
             self._connections[connection.fileno()] = connection
             if self._may_see_grants(connection):
                 self._trusted.add(connection.fileno())

@@ -231,3 +231,31 @@ def test_grants_told_by_a_socket_that_another_user_made_count_for_nothing(fresh,
     finally:
         liar.kill()
         liar.wait(10)
+
+
+def test_connections_of_other_users_are_closed_to_make_room_before_the_readers_own(fresh):
+    """A local user who fills the reader's connections must not cut off the decision services'."""
+    from poplock.reader import SyncListener
+
+    reachable_by_everyone(fresh.directory)
+    with ReaderProcess(fresh):
+        path = str(fresh.directory / "reader.sock")
+        own = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        own.settimeout(10)
+        own.connect(path)
+        assert ask(own) == b"ok\n"
+        crowd = subprocess.Popen(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c",
+             "import socket, sys, time\n"
+             "kept = []\n"
+             "for _ in range(int(sys.argv[2])):\n"
+             "    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.connect(sys.argv[1]); kept.append(c)\n"
+             "print('connected', flush=True); time.sleep(60)\n", path, str(SyncListener.MAX_CONNECTIONS + 50)],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert crowd.stdout.readline() == "connected\n"
+            assert ask(own) == b"ok\n"  # still open: nobody's were closed instead
+        finally:
+            crowd.kill()
+            crowd.wait(10)
+            own.close()
