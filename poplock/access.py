@@ -9,7 +9,7 @@ Free of `re` and `os`: relaylock makes this decision once per SMTP connection.
 """
 
 from poplock.addresses import NO_DENIALS, DenyList, Network, find_network, grant_key, load_allow_list, load_deny_list
-from poplock.grants import Grant
+from poplock.grants import Grant, GrantDecodeError, decode_grant
 from poplock.store import lookup_grant
 
 
@@ -90,11 +90,21 @@ def check_relay_in_files(config, address: str, now: float, *, fresh: bool = True
 
     decision = check_relay(address, now, networks, lookup, denials=denials, ipv6_prefix=config.ipv6_prefix)
     if fresh and needs_fresh_look(decision) and config.reader_socket and config.reader_wait > 0:
-        from poplock.connection import ask_reader
+        from poplock.connection import ask_reader_for_grants
 
-        if ask_reader(config.reader_socket, config.reader_wait):
+        told = ask_reader_for_grants(config.reader_socket, config.reader_wait)
+        if told is not None:
             import time
 
-            decision = check_relay(address, max(now, time.time()), networks, lookup, denials=denials,
-                                   ipv6_prefix=config.ipv6_prefix)
+            def lookup_told(key):  # the grants the read made, before its commit is published
+                value = told.get(key)
+                if value is not None:
+                    try:
+                        return decode_grant(key, value)
+                    except GrantDecodeError:
+                        pass
+                return lookup(key)
+
+            decision = check_relay(address, max(now, time.time()), networks, lookup_told if told else lookup,
+                                   denials=denials, ipv6_prefix=config.ipv6_prefix)
     return decision

@@ -111,6 +111,17 @@ def send(fields: list[tuple[str, str]]) -> bool:
 def ask_reader(path: str, timeout: float) -> bool:
     """Ask poplock-reader to read the journal up to now and commit (reader.py's SyncListener);
     True once it has, False when it did not answer within `timeout` seconds in all."""
+    return _ask_reader(path, timeout, False) is not None
+
+
+def ask_reader_for_grants(path: str, timeout: float) -> dict[str, bytes] | None:
+    """As ask_reader(), and when the reader runs as root or as this process's user (SO_PEERCRED),
+    ask for the grants the read made: key -> encoded grant, which the reader tells before its
+    commit is synced and published. {} when it told none; None when it did not answer in time."""
+    return _ask_reader(path, timeout, True)
+
+
+def _ask_reader(path: str, timeout: float, grants: bool) -> dict[str, bytes] | None:
     import time
 
     deadline = time.monotonic() + timeout
@@ -118,22 +129,46 @@ def ask_reader(path: str, timeout: float) -> bool:
     try:
         connection.settimeout(timeout)
         connection.connect(path)
-        connection.sendall(b"sync\n")
+        told = grants and _peer_is_us(connection)
+        connection.sendall(b"sync grants\n" if told else b"sync\n")
         answer = b""
         while not answer.endswith(b"\n"):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return False
+                return None
             connection.settimeout(remaining)
-            data = connection.recv(64)
+            data = connection.recv(65536)
             if not data:
-                return False
+                return None
             answer += data
-        return answer == b"ok\n"
+        if answer == b"ok\n":
+            return {}
+        if told and answer.startswith(b"ok {"):
+            import json
+
+            try:
+                found = json.loads(answer[3:])
+            except ValueError:
+                return None
+            return {key: value.encode("utf-8", "surrogateescape") for key, value in found.items()
+                    if isinstance(key, str) and isinstance(value, str)} if isinstance(found, dict) else None
+        return None
     except OSError:
-        return False
+        return None
     finally:
         connection.close()
+
+
+def _peer_is_us(connection) -> bool:
+    """The socket's peer runs as root or as this process's user (SO_PEERCRED: the kernel's word)."""
+    import struct
+
+    try:
+        _, uid, _ = struct.unpack("3i", connection.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED,
+                                                               struct.calcsize("3i")))
+    except OSError:
+        return False
+    return uid in (0, posix.geteuid())
 
 
 def execute(program: list[str], environment: dict) -> str:

@@ -259,3 +259,22 @@ def test_connections_of_other_users_are_closed_to_make_room_before_the_readers_o
             crowd.kill()
             crowd.wait(10)
             own.close()
+
+
+def test_a_one_shot_question_as_the_readers_user_is_told_the_grant_before_it_is_published(fresh):
+    """poplock check and relaylock (connection.ask_reader_for_grants) as root: told, as the services are."""
+    from poplock.connection import ask_reader_for_grants
+
+    with ReaderProcess(fresh):
+        path = str(fresh.directory / "reader.sock")
+        for index in range(40):  # the reader may have read a login by itself before the question
+            address = f"10.88.0.{index}"
+            logged_and_readable(fresh, address)
+            told = ask_reader_for_grants(path, 1.0)
+            assert told is not None
+            if told:
+                assert list(told) == [address] and told[address].startswith((b"2 ", b"3 "))
+                break
+            assert fresh.may_relay(address)
+        else:
+            raise AssertionError("the reader never had a login left to read when asked")
