@@ -129,7 +129,7 @@ def _ask_reader(path: str, timeout: float, grants: bool) -> dict[str, bytes] | N
     try:
         connection.settimeout(timeout)
         connection.connect(path)
-        told = grants and _peer_is_us(connection)
+        told = grants and peer_is_us(connection)
         connection.sendall(b"sync grants\n" if told else b"sync\n")
         answer = b""
         while not answer.endswith(b"\n"):
@@ -159,7 +159,7 @@ def _ask_reader(path: str, timeout: float, grants: bool) -> dict[str, bytes] | N
         connection.close()
 
 
-def _peer_is_us(connection) -> bool:
+def peer_is_us(connection) -> bool:
     """The socket's peer runs as root or as this process's user (SO_PEERCRED: the kernel's word)."""
     import struct
 

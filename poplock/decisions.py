@@ -10,6 +10,7 @@ import os
 
 from poplock.addresses import NO_DENIALS, DenyList, Network, load_allow_list, load_deny_list
 from poplock.config import Config
+from poplock.connection import peer_is_us
 from poplock.service import Warnings, describe_span
 from poplock.store import find_grant, open_snapshot
 
@@ -199,7 +200,8 @@ class _ReaderLink(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.peer_may_tell = _peer_is_us(transport.get_extra_info("socket"))
+        connection = transport.get_extra_info("socket")
+        self.peer_may_tell = connection is not None and peer_is_us(connection)
 
     def ask(self) -> asyncio.Future:
         self._answer = asyncio.get_running_loop().create_future()
@@ -248,17 +250,3 @@ class _ReaderLink(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-
-def _peer_is_us(connection) -> bool:
-    """The socket's peer runs as root or as this process's user (SO_PEERCRED)."""
-    import socket
-    import struct
-
-    if connection is None:
-        return False
-    try:
-        _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                               struct.calcsize("3i")))
-    except OSError:
-        return False
-    return uid in (0, os.geteuid())

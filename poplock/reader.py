@@ -27,6 +27,7 @@ from poplock.addresses import DENY_EVERYTHING, NO_DENIALS, DenyList, grant_key, 
 from poplock.arguments import ArgumentParser
 from poplock.changes import ADD, Change, apply_change, parse_change
 from poplock.config import Config, load_config
+from poplock.connection import peer_is_us
 from poplock.cursor import save_cursor
 from poplock.errors import ConfigError, JournalError, StoreBusyError, StoreCorruptError, StoreError
 from poplock.follow import JournalFollower, Position
@@ -539,7 +540,7 @@ class SyncListener:
         self._connections: dict[int, object] = {}  # descriptor -> connection, the longest quiet first
         self._questions: dict[int, int] = {}  # descriptor -> questions it waits the answers of
         self._early: set[int] = set()  # of those, the ones whose questions may be answered early
-        self._trusted: set[int] = set()  # connections whose peers may see grants (_may_see_grants)
+        self._trusted: set[int] = set()  # connections whose peers may see grants (connection.peer_is_us)
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -569,23 +570,10 @@ class SyncListener:
                 self._drop(next((fd for fd in self._connections if fd not in self._trusted),
                                 next(iter(self._connections))))
             self._connections[connection.fileno()] = connection
-            if self._may_see_grants(connection):
+            if peer_is_us(connection):  # root or this reader's user: it may read the store anyway
                 self._trusted.add(connection.fileno())
             self._read(connection.fileno())  # a one-shot asker has sent its question already
 
-    @staticmethod
-    def _may_see_grants(connection) -> bool:
-        """The peer runs as root or as this reader's user: it may read the store, so it may be told
-        the grants a read made before they are there (SO_PEERCRED: the kernel's word, not the peer's)."""
-        import socket
-        import struct
-
-        try:
-            _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                   struct.calcsize("3i")))
-        except OSError:
-            return False
-        return uid in (0, os.geteuid())
 
     def _read(self, fd: int) -> None:
         connection = self._connections[fd]
