@@ -17,7 +17,8 @@ sys.path.insert(0, str(REPOSITORY / "tests"))
 from support.poplock import Setup, command  # noqa: E402  (after the path is set)
 
 __all__ = ["REPOSITORY", "Setup", "bench_setup", "command", "grant_address", "write_grant_file", "import_grants",
-           "fill_store", "timed", "best_of", "percentile", "median", "report_section", "REPORT_SECTIONS"]
+           "fill_store", "timed", "best_of", "percentile", "median", "report_section", "REPORT_SECTIONS",
+           "spread", "verdict", "layout"]
 
 # (title, Markdown) from each benchmark that has a table to paste; run.py writes them to $BENCH_REPORT.
 REPORT_SECTIONS: list[tuple[str, str]] = []
@@ -110,3 +111,34 @@ def report_section(title: str, markdown: str) -> None:
     REPORT_SECTIONS.append((title, markdown))
     if not os.environ.get("POPLOCK_BENCH_SUITE") and os.environ.get("BENCH_REPORT"):
         Path(os.environ["BENCH_REPORT"]).write_text(f"## {title}\n\n{markdown}\n")
+
+
+# --- the tables of figures (fresh.py, scale.py) ----------------------------------------------------
+
+def spread(values: list[float], show) -> str:
+    values = [value for value in values if value is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return show(values[0])
+    return f"{show(median(values))} ({show(min(values))}-{show(max(values))})"
+
+
+def verdict(passed: list[bool]) -> str:
+    if not passed:
+        return "n/a"
+    if all(passed):
+        return f"met on all runs ({len(passed)}/{len(passed)})"
+    if any(passed):
+        return f"met on some runs ({sum(passed)}/{len(passed)})"
+    return f"not met (0/{len(passed)})"
+
+
+def layout(rows: list[list[str]]) -> tuple[str, str]:
+    """Rows (the first a header) as aligned text and as a Markdown table."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    text = "\n".join("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+    markdown = "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+                         for row in [rows[0], ["---"] * len(rows[0]), *rows[1:]])
+    return text, markdown

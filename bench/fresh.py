@@ -58,7 +58,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import Setup, command, fill_store, grant_address, median, percentile
+from common import Setup, command, fill_store, grant_address, layout, median, percentile, spread, verdict
 from policy import BASELINE_SERVER, REQUEST
 from support.journald import PrivateJournald, ensure_journald, unique_tag
 from support.poplock import PolicyProcess, ReaderProcess
@@ -118,35 +118,6 @@ def make_setup(directory: Path, tag: str) -> Setup:
 
 
 # --- the table -----------------------------------------------------------------------------------
-
-
-def spread(values: list[float], show) -> str:
-    values = [value for value in values if value is not None]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return show(values[0])
-    return f"{show(median(values))} ({show(min(values))}-{show(max(values))})"
-
-
-def verdict(passed: list[bool]) -> str:
-    if not passed:
-        return "n/a"
-    if all(passed):
-        return f"met on all runs ({len(passed)}/{len(passed)})"
-    if any(passed):
-        return f"met on some runs ({sum(passed)}/{len(passed)})"
-    return f"not met (0/{len(passed)})"
-
-
-def layout(rows: list[list[str]]) -> tuple[str, str]:
-    """Rows (the first a header) as aligned text and as a Markdown table."""
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    text = "\n".join("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
-    markdown = "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
-                         for row in [rows[0], ["---"] * len(rows[0]), *rows[1:]])
-    return text, markdown
 
 
 class Table:

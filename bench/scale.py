@@ -54,9 +54,12 @@ from common import (
     command,
     grant_address,
     import_grants,
+    layout,
     median,
     percentile,
     report_section,
+    spread,
+    verdict,
     write_grant_file,
 )
 from latency import journal_delivery, login_delay, login_line
@@ -472,31 +475,6 @@ GOALS = [
     ("poplock remove within 2x", "remove", lambda value, base: value <= 2 * base, "others"),
     ("poplock check within 2x", "check", lambda value, base: value <= 2 * base, "others"),
 ]
-
-
-def spread(values: list[float], show) -> str:
-    if len(values) == 1:
-        return show(values[0])
-    return f"{show(median(values))} ({show(min(values))}-{show(max(values))})"
-
-
-def verdict(passed: list[bool]) -> str:
-    if not passed:
-        return "n/a"
-    if all(passed):
-        return f"met on all runs ({len(passed)}/{len(passed)})"
-    if any(passed):
-        return f"met on some runs ({sum(passed)}/{len(passed)})"
-    return f"not met (0/{len(passed)})"
-
-
-def layout(rows: list[list[str]]) -> tuple[str, str]:
-    """Rows (the first a header) as aligned text and as a Markdown table."""
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    text = "\n".join("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
-    markdown = "\n".join("| " + " | ".join(row) + " |" for row in [rows[0], ["---"] * len(rows[0]), *rows[1:]])
-    return text, markdown
 
 
 def build_tables(results: dict[int, list[dict]], stores: dict[int, Store], syncs: dict[int, dict]):
