@@ -6,11 +6,16 @@ question to poplock-reader before a refusal, asked without blocking the loop (Re
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
+from poplock import events
+from poplock.access import check_relay
 from poplock.addresses import NO_DENIALS, DenyList, Network, load_allow_list, load_deny_list
 from poplock.config import Config
 from poplock.connection import peer_is_us
+from poplock.errors import ConfigError, StoreBusyError
+from poplock.logs import log_event
 from poplock.service import Warnings, describe_span
 from poplock.store import find_grant, open_snapshot
 
@@ -88,6 +93,27 @@ class Snapshots:
         if self._snapshot is None:
             return None
         return find_grant(self._snapshot, address, self.config.store_path)
+
+    def decide(self, address: str, now: float):
+        """access.check_relay() on these files (raises PoplockError or OSError when it cannot)."""
+        return check_relay(address, now, self.networks(), self.grant, denials=self.denials(),
+                           ipv6_prefix=self.config.ipv6_prefix)
+
+    def failed(self, log: logging.Logger, warnings: Warnings, address: str, error: Exception, answer: str) -> None:
+        """A decision that could not be made, answered `answer`: logged (to the service's `log`) at
+        most once a minute for the same trouble (MTAs ask many times a second), and the store
+        opened afresh next time."""
+        if isinstance(error, ConfigError):
+            event = events.CONFIG_INVALID  # the static allow list or the deny list went bad while running
+        elif isinstance(error, StoreBusyError):
+            event = events.STORE_BUSY
+        else:
+            event = events.STORE_FAILED
+        left_out = warnings.admit(str(error), logging.ERROR, event.name)
+        if left_out is not None:
+            log_event(log, logging.ERROR, event, "cannot decide for %s, answering %s: %s%s", address, answer, error,
+                      warnings.suffix(left_out), address=address)
+        self.close()
 
     def close(self) -> None:
         if self._snapshot is not None:

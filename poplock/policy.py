@@ -23,11 +23,11 @@ import sys
 import time
 
 from poplock import events
-from poplock.access import check_relay, describe, grant_user, needs_fresh_look
+from poplock.access import describe, grant_user, needs_fresh_look
 from poplock.addresses import normalize_address
 from poplock.config import Config
 from poplock.decisions import ReaderSync, Snapshots
-from poplock.errors import AddressError, ConfigError, PoplockError, StoreBusyError
+from poplock.errors import AddressError, PoplockError
 from poplock.logs import iso_time, log_event
 from poplock.policyprotocol import DUNNO, RequestBuffer, format_reply
 from poplock.service import (
@@ -83,21 +83,9 @@ class PolicyHandler:
             return DUNNO
         now = self.clock()
         try:
-            decision = check_relay(address, now, self.snapshots.networks(), self.snapshots.grant,
-                                   denials=self.snapshots.denials(), ipv6_prefix=self.config.ipv6_prefix)
+            decision = self.snapshots.decide(address, now)
         except (PoplockError, OSError) as error:
-            if isinstance(error, ConfigError):
-                event = events.CONFIG_INVALID  # the static allow list went bad while running
-            elif isinstance(error, StoreBusyError):
-                event = events.STORE_BUSY
-            else:
-                event = events.STORE_FAILED
-            # The same trouble is logged at most once a minute: Postfix asks many times a second.
-            left_out = self.warnings.admit(str(error), logging.ERROR, event.name)
-            if left_out is not None:
-                log_event(log, logging.ERROR, event, "cannot decide for %s, answering DUNNO: %s%s", address, error,
-                          self.warnings.suffix(left_out), address=address)
-            self.snapshots.close()
+            self.snapshots.failed(log, self.warnings, address, error, DUNNO)
             return DUNNO
         if not fresh and needs_fresh_look(decision):
             return None

@@ -21,10 +21,10 @@ import sys
 import time
 
 from poplock import events
-from poplock.access import check_relay, describe, grant_user, needs_fresh_look
+from poplock.access import describe, grant_user, needs_fresh_look
 from poplock.config import Config
 from poplock.decisions import ReaderSync, Snapshots
-from poplock.errors import ConfigError, PoplockError, StoreBusyError
+from poplock.errors import PoplockError
 from poplock.logs import log_event
 from poplock.service import Warnings, run_decision_service
 from poplock.socketmapprotocol import NOTFOUND, OK, PERM, TEMP, Request, RequestBuffer, format_reply
@@ -82,10 +82,9 @@ class SocketmapHandler:
         address = request.address
         now = self.clock()
         try:
-            decision = check_relay(address, now, self.snapshots.networks(), self.snapshots.grant,
-                                   denials=self.snapshots.denials(), ipv6_prefix=self.config.ipv6_prefix)
+            decision = self.snapshots.decide(address, now)
         except (PoplockError, OSError) as error:
-            self._failed(address, error)
+            self.snapshots.failed(log, self.warnings, address, error, TEMP)
             return TEMP_REPLY
         if not fresh and needs_fresh_look(decision):
             return None
@@ -100,20 +99,6 @@ class SocketmapHandler:
         log_event(log, self._refusals_level, events.RELAY_REFUSED, "%s (map %s, asked as %s)",
                   describe(decision, now), request.name, asked, address=address)
         return NOT_FOUND_REPLY
-
-    def _failed(self, address: str, error: Exception) -> None:
-        if isinstance(error, ConfigError):
-            event = events.CONFIG_INVALID  # the static allow list or the deny list went bad while running
-        elif isinstance(error, StoreBusyError):
-            event = events.STORE_BUSY
-        else:
-            event = events.STORE_FAILED
-        # The same trouble is logged at most once a minute: MTAs ask many times a second.
-        left_out = self.warnings.admit(str(error), logging.ERROR, event.name)
-        if left_out is not None:
-            log_event(log, logging.ERROR, event, "cannot decide for %s, answering TEMP: %s%s", address, error,
-                      self.warnings.suffix(left_out), address=address)
-        self.snapshots.close()
 
 
 def main(argv: list[str] | None = None) -> int:
