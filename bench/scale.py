@@ -180,24 +180,36 @@ def commit_figures(setup: Setup, prefix: str) -> dict:
 
 def count_syncs(setup: Setup, log: Path) -> dict:
     """Data and directory syncs of the first commit of a writer process and of the warm ones after it,
-    from strace's log of commitprobe.py (its access(2) markers split the commits)."""
+    from strace's log of commitprobe.py (its access(2) markers split the commits). An msync is
+    charged to the file mapped there (the mmap calls name it); syncs of a file in memory (a memfd,
+    where gdbm writes a new top) reach no disk and are listed but not counted."""
     subprocess.run(["strace", "-f", "-qq", "-y", "-o", str(log), "-e",
-                    "trace=" + ",".join(SYNC_CALLS + ("access", "faccessat", "faccessat2")),
+                    "trace=" + ",".join(SYNC_CALLS + ("mmap", "access", "faccessat", "faccessat2")),
                     sys.executable, str(REPOSITORY / "bench" / "commitprobe.py"), str(setup.config), "4", LOGGED_IN],
                    check=True, capture_output=True, timeout=300)
     commits: list[dict] = []
+    mapped: dict[str, str] = {}  # address -> the file mapped there
     for line in log.read_text().splitlines():
         if "/poplock-bench-commit-" in line:
             commits.append({"data": 0, "directory": 0, "calls": []})
+            continue
+        mapping = re.match(r"\d+\s+mmap\(.*?, \d+<([^>]*)>(?:\(deleted\))?, \w+\) = (0x[0-9a-f]+)", line)
+        if mapping:
+            mapped[mapping.group(2)] = mapping.group(1)
             continue
         call = re.match(r"\d+\s+(\w+)\((.*)", line)
         if not commits or call is None or call.group(1) not in SYNC_CALLS:
             continue
         name, arguments = call.groups()
         target = re.match(r"\d+<([^>]*)>", arguments)
-        is_directory = target is not None and os.path.isdir(target.group(1))
+        address = re.match(r"(0x[0-9a-f]+),", arguments)
+        path = target.group(1) if target else mapped.get(address.group(1), "") if address else ""
+        if path.startswith("/memfd:"):
+            commits[-1]["calls"].append(f"{name}(in memory)")
+            continue
+        is_directory = bool(path) and os.path.isdir(path)
         commits[-1]["directory" if is_directory else "data"] += 1
-        what = "directory" if is_directory else os.path.basename(target.group(1)) if target else "mapping"
+        what = "directory" if is_directory else os.path.basename(path) if path else "mapping"
         commits[-1]["calls"].append(f"{name}({what})")
     commits = commits[:-1]  # the last marker ends the last commit
     return {"first": commits[0], "warm": commits[1:]}

@@ -11,10 +11,10 @@ and an LSM tree's small mutable level over a large immutable one):
     base at all, and then PATH is the whole store (as stores written before bases
     existed are: those are read as they are, and become the first base when written).
   * Every file is immutable once published. A writer (poplock-reader, or `poplock
-    add/remove/...`) takes an exclusive lock on PATH.lock, makes the new top in
-    PATH.new (a copy of the top with the changes written in), fsyncs it and renames it
-    over PATH, which is atomic: one data sync and one directory sync, whatever the
-    store holds. See storewriter.py.
+    add/remove/...`) takes an exclusive lock on PATH.lock, makes the new top (a copy of
+    the top with the changes written in, in memory), writes it to PATH.new, fsyncs it and
+    renames it over PATH, which is atomic: one data sync and one directory sync, whatever
+    the store holds. See storewriter.py.
   * The top names its base, so a reader that opened one top sees one whole state,
     old or new, never a mix. When the top has grown, its changes are merged into a
     new base off the login path, and a new top names it; an old base is removed

@@ -1,9 +1,10 @@
 """The grant store, write side: one writer at a time publishes a new top (store.py says what that is).
 
 A transaction takes an exclusive flock on PATH.lock (writers only; readers never touch
-it), starts from the published state, and on success writes the new top to PATH.new,
-fsyncs it, renames it over PATH and fsyncs the directory: one data sync and one
-directory sync. A crash at any point leaves the previous state in place.
+it), starts from the published state, and on success has gdbm write the new top in memory
+(Scratch), copies it to PATH.new, fsyncs that, renames it over PATH and fsyncs the
+directory: one data sync and one directory sync. A crash at any point leaves the previous
+state in place.
 
 A commit costs what it changes, not what the store holds (an ISP keeps a million grants,
 and poplock-reader commits on every login):
@@ -36,6 +37,7 @@ root `poplock add` leaves files the reader daemon and the SMTP side can read.
 from __future__ import annotations
 
 import _gdbm
+import errno
 import fcntl
 import logging
 import os
@@ -508,13 +510,15 @@ class StoreWriter:
         try:
             if os.path.lexists(new_path):
                 os.unlink(new_path)  # left by a writer that crashed; we hold the lock
-            # Opened before gdbm writes, so that its fsync reports any write-back error of
-            # gdbm's own (CPython's gdbm module ignores what msync and close return).
             fd = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SNAPSHOT_MODE)
             try:
-                if afresh or not self._write_into_copy(fd, new_path, changed, structure, old, count):
-                    self._changes_since_rewrite = 0
-                    _write_top_afresh(new_path, new, structure, count)
+                with Scratch(fd, new_path) as scratch:
+                    if afresh or not self._write_into_copy(scratch, changed, structure, old, count):
+                        self._changes_since_rewrite = 0
+                        os.ftruncate(scratch.fd, 0)
+                        _write_top_afresh(scratch.path, new, structure, count)
+                    step = f"writing {new_path}"
+                    scratch.copy_out()
                 os.fchmod(fd, SNAPSHOT_MODE)
                 self._give_to_directory_owner(fd)
                 os.fsync(fd)
@@ -558,9 +562,9 @@ class StoreWriter:
         for name in kept[:-3]:
             _remove_quietly(f"{self.directory}/{name}")
 
-    def _write_into_copy(self, fd: int, new_path: str, changed: dict[bytes, bytes | None], structure: dict,
+    def _write_into_copy(self, scratch: Scratch, changed: dict[bytes, bytes | None], structure: dict,
                          old: State, count: int) -> bool:
-        """PATH.new (open as `fd`) as a copy of the published top with the changes written in;
+        """The new top in `scratch`, as a copy of the published top with the changes written in;
         False if that failed."""
         try:
             published = open_snapshot(self.path, busy_timeout=1.0)
@@ -574,14 +578,17 @@ class StoreWriter:
                 size = os.fstat(source.fileno()).st_size
                 copied = 0
                 while copied < size:
-                    sent = os.sendfile(fd, source.fileno(), copied, size - copied)
+                    sent = os.sendfile(scratch.fd, source.fileno(), copied, size - copied)
                     if sent == 0:
                         break
                     copied += sent
+        except OSError as error:
+            log.warning("cannot copy %s (%s); writing the new top afresh", self.path, _describe(error))
+            return False
         finally:
             published.close()
         try:
-            snapshot = _gdbm.open(new_path, "w")
+            snapshot = _gdbm.open(scratch.path, "w")
             try:
                 for key, value in changed.items():
                     if value is not None:
@@ -598,7 +605,6 @@ class StoreWriter:
         except OSError as error:  # _gdbm.error too: a damaged copy, or the disk is full
             log.warning("cannot write the changes into a copy of %s (%s); writing the new top afresh",
                         self.path, _describe(error))
-            os.ftruncate(fd, 0)
             return False
         return True
 
@@ -747,6 +753,45 @@ def store_writers(path: str) -> frozenset[int]:
             members = set()
         writers |= {user.pw_uid for user in pwd.getpwall() if user.pw_gid == status.st_gid or user.pw_name in members}
     return frozenset(writers)
+
+
+class Scratch:
+    """Where gdbm writes a new top before it goes to PATH.new: a file in memory (memfd_create(2)).
+
+    gdbm syncs what it writes on close (an msync of its mapping) and CPython's module ignores what
+    that returns; in memory that costs nothing, and copy_out() then writes the whole top to PATH.new
+    in one go, for the one fsync of the commit to make durable and to report any error of. Without
+    /proc to name the memory file by (gdbm opens a path), gdbm writes PATH.new itself."""
+
+    def __init__(self, fd: int, new_path: str):
+        self._target = fd
+        self.fd, self.path = fd, new_path
+        try:
+            memory = os.memfd_create("poplock-top", os.MFD_CLOEXEC)
+        except OSError:
+            return
+        if os.path.exists(f"/proc/self/fd/{memory}"):
+            self.fd, self.path = memory, f"/proc/self/fd/{memory}"
+        else:
+            os.close(memory)
+
+    def __enter__(self) -> Scratch:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if self.fd != self._target:
+            os.close(self.fd)
+
+    def copy_out(self) -> None:
+        """The new top into PATH.new, whole (a no-op when gdbm wrote PATH.new itself)."""
+        if self.fd == self._target:
+            return
+        size, copied = os.fstat(self.fd).st_size, 0
+        while copied < size:
+            sent = os.sendfile(self._target, self.fd, copied, size - copied)
+            if sent == 0:
+                raise OSError(errno.EIO, f"the new top ended after {copied} of {size} bytes")
+            copied += sent
 
 
 def _write_top_afresh(path: str, state: State, structure: dict, count: int) -> None:

@@ -8,11 +8,13 @@ must be a StoreError naming the store; a following clean commit must succeed; no
 beside the store but PATH.lock (and PATH.new, until the next commit). The last test fills a real tmpfs.
 
 What strace -f shows a commit calling (enospc.c watches these and more):
-  into a copy: open PATH.lock (O_CREAT) and fchown it; open PATH.new (O_CREAT|O_TRUNC) and sendfile
-    PATH into it; gdbm opens it, writes the changes through mmap (write()s of zeros first when the file
-    must grow) and msyncs; fchmod, fchown, fsync PATH.new; rename it over PATH; fsync the directory.
-  afresh: the lock as above; gdbm creates PATH.new with open, write()s its header and first blocks,
-    fsyncs, fills it through mmap (write()s of zeros as it grows) and msyncs; then fchmod ... as above.
+  into a copy: open PATH.lock (O_CREAT) and fchown it; open PATH.new (O_CREAT|O_EXCL); make a memory
+    file (memfd) and sendfile PATH into it; gdbm opens it, writes the changes through mmap (write()s of
+    zeros first when the file must grow) and msyncs it; sendfile the memory file to PATH.new; fchmod,
+    fchown, fsync PATH.new; rename it over PATH; fsync the directory.
+  afresh: as above, but gdbm creates the new top in the memory file: write()s of its header and first
+    blocks, an fsync, more write()s as it grows, an msync.
+Whichever way, the disk sees one data sync (PATH.new) and one directory sync: every scenario checks it.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ FLUSH = {"clear": True, "grants": {"192.0.2.1": grant_value(31)}, "metadata": {C
 FOLLOW_UP = {"grants": {"192.0.2.99": grant_value(45)}, "metadata": {CURSOR: "s=follow;i=4"}}
 
 COPY_CALLS = ("sendfile", "copy_file_range")
+SYNC_CALLS = ("fsync", "fdatasync", "msync", "sync_file_range")
+MEMORY_FILE = "/memfd:poplock-top"  # where gdbm writes a new top (storewriter.Scratch)
 WRITE_CALLS = ("write", "pwrite", "pwrite64", "writev", "pwritev", "pwritev64", "pwritev2", "pwritev64v2")
 
 
@@ -77,13 +81,19 @@ class Scenario:
         self.copied = copied
         self.grows = grows
 
-    def check_path(self, write_points: list[str]) -> None:
-        calls = [line.split()[1] for line in write_points]
-        copied = any(call.startswith(COPY_CALLS) for call in calls)
-        grows = copied and any(call in WRITE_CALLS for call in calls)
+    def check_path(self, write_points: list[str], store: Path) -> None:
+        points = [line.split(maxsplit=2)[1:] for line in write_points]
+        in_memory = [call for call, detail in points if detail.startswith(MEMORY_FILE)]
+        copied = any(call.startswith(COPY_CALLS) for call in in_memory)
+        grows = copied and any(call in WRITE_CALLS for call in in_memory)
         assert copied == self.copied and self.grows in (None, grows), (
             "the scenario no longer takes the commit path it is meant to cover (storewriter.py changed?); "
             "its write points were:\n" + "\n".join(write_points))
+        disk_syncs = [f"{call} {detail}" for call, detail in points
+                      if call in SYNC_CALLS and not detail.startswith(MEMORY_FILE)]
+        assert disk_syncs == [f"fsync {store}.new", f"fsync {store.parent}"], (
+            "a commit is one data sync (PATH.new) and one directory sync; its write points were:\n" +
+            "\n".join(write_points))
 
 
 SCENARIOS = {
@@ -117,7 +127,7 @@ def test_a_disk_full_at_any_write_point_leaves_the_old_store_or_the_new_one_whol
     reference = _attempt(scenario, 0, persist, shim, seeded_store, tmp_path / "clean")
     write_points = reference["log"]
     assert write_points and reference["outcome"] == "committed"
-    scenario.check_path(write_points)
+    scenario.check_path(write_points, tmp_path / "clean" / "store" / seeded_store.name)
 
     # N = 1 .. one past the last write point: the last attempt must go through with nothing failed.
     last = len(write_points) + 1

@@ -9,7 +9,8 @@
  *     open, open64, openat, openat64, creat (and their _FORTIFY_SOURCE __*_2 forms) with O_CREAT or O_TRUNC;
  *     write, pwrite, writev, pwritev (and 64-bit forms), sendfile, copy_file_range, on regular files only
  *     (a log line to a pipe or terminal is not a commit's write);
- *     ftruncate, truncate, fallocate, posix_fallocate, fsync, fdatasync, sync_file_range, msync;
+ *     ftruncate, truncate, fallocate, posix_fallocate, fsync, fdatasync, sync_file_range, msync (the
+ *     log names the file mapped);
  *     rename, renameat, renameat2, link, linkat, unlink, unlinkat, symlink, mkstemp;
  *     fchmod, fchown (the inode changes too).
  *
@@ -457,11 +458,33 @@ int sync_file_range(int fd, off64_t offset, off64_t count, unsigned int flags)
     return real_sync_file_range(fd, offset, count, flags);
 }
 
+/* The file mapped at `address`, from /proc/self/maps ("" when it maps none). */
+static const char *describe_mapping(const void *address, char *buffer, size_t size)
+{
+    char line[600];
+    unsigned long start, end;
+    FILE *maps = fopen("/proc/self/maps", "re");
+    buffer[0] = '\0';
+    if (maps == NULL)
+        return buffer;
+    while (fgets(line, sizeof line, maps) != NULL) {
+        char *path = strchr(line, '/');
+        if (sscanf(line, "%lx-%lx", &start, &end) != 2 || (unsigned long)address < start ||
+            (unsigned long)address >= end || path == NULL)
+            continue;
+        path[strcspn(path, "\n")] = '\0';
+        snprintf(buffer, size, "%s", path);
+        break;
+    }
+    fclose(maps);
+    return buffer;
+}
+
 int msync(void *address, size_t length, int flags)
 {
-    char detail[64];
+    char detail[420], mapped[380];
     REAL(msync);
-    snprintf(detail, sizeof detail, "%zu bytes", length);
+    snprintf(detail, sizeof detail, "%s, %zu bytes", describe_mapping(address, mapped, sizeof mapped), length);
     if (path_point("msync", detail, NULL))
         return -1;
     return real_msync(address, length, flags);
