@@ -18,7 +18,7 @@ import sys
 import time
 
 from poplock.config import load_config
-from poplock.reader import Reader
+from poplock.reader import BASE_LOOKUPS_PER_OPEN, Reader
 from poplock.sources import build_sources
 from poplock.storewriter import StoreWriter
 
@@ -63,7 +63,7 @@ def main() -> None:
     source = sources[config.sources[0]]
     follower = OneLoginFollower()
     reader = Reader(config, [sources[name] for name in config.sources], follower,
-                    StoreWriter(config.store_path, background_merges=True), notify=lambda message: None)
+                    StoreWriter(config.store_path, background_merges=True, base_lookups_per_open=BASE_LOOKUPS_PER_OPEN), notify=lambda message: None)
     seconds, written = [], []
     for index in range(count):
         follower.pending.append(login_entry(sorted(source.identifiers)[0], f"{network}.{index >> 8}.{index & 255}"))

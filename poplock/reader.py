@@ -48,6 +48,7 @@ RETRY_PAUSES = (1, 2, 5, 10, 30)  # seconds between attempts while the store can
 STATUS_INTERVAL = 1.0  # seconds: STATUS= is for people, no need to send it on every login
 REOPEN_INTERVAL = 0.1  # seconds: at most this often a fresh journal handle looks again for a refusal
 SESSION_SWEEP_INTERVAL = 60.0  # seconds between tidying the sessions past their bound (they hold nothing)
+BASE_LOOKUPS_PER_OPEN = 64  # a running reader unmaps the base this often: its memory stays bounded (storewriter.Base)
 
 
 def _notify(message: str) -> None:
@@ -866,7 +867,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot open the journal: %s", error)
         return os.EX_NOINPUT
     writer = StoreWriter(config.store_path, background_merges=not arguments.once,
-                         defer_directory_sync=not arguments.once)
+                         defer_directory_sync=not arguments.once,
+                         base_lookups_per_open=None if arguments.once else BASE_LOOKUPS_PER_OPEN)
     reader = Reader(config, sources, follower, writer)
     try:
         return run(reader, follower, once=arguments.once)

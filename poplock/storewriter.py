@@ -90,21 +90,36 @@ class State:
 
 
 class Base:
-    """The base file of a state, opened read-only when first needed."""
+    """The base file of a state, opened read-only when first needed.
 
-    def __init__(self, path: str, name: str | None):
+    gdbm maps the file, and the kernel maps the cached pages around each page a lookup touches
+    (fault-around: some 130 KiB a lookup, measured): a burst of logins looked up in a base of a
+    million grants maps all of its 100 MB into the process. With `lookups_per_open` (the
+    long-lived reader) the handle is reopened that often, which unmaps what they touched; each
+    lookup then costs its page faults again, so a one-shot command (an expiry looks up 100,000)
+    keeps it open."""
+
+    def __init__(self, path: str, name: str | None, lookups_per_open: int | None = None):
         self.name = name
         self.path = f"{os.path.dirname(path) or '.'}/{name}" if name else None
         self._handle = None
+        self._lookups = 0
+        self._lookups_per_open = lookups_per_open
+
+    def open(self):
+        """A handle of its own on the base file, for the caller to close."""
+        try:
+            return _gdbm.open(self.path, "r")
+        except _gdbm.error as error:
+            raise StoreError(f"cannot read the store's base {self.path}: {error.args[-1]}") from None
 
     def get(self, address: str) -> bytes | None:
         if self.path is None:
             return None
-        if self._handle is None:
-            try:
-                self._handle = _gdbm.open(self.path, "r")
-            except _gdbm.error as error:
-                raise StoreError(f"cannot read the store's base {self.path}: {error.args[-1]}") from None
+        if self._handle is None or self._lookups == self._lookups_per_open:
+            self.close()
+            self._handle = self.open()
+        self._lookups += 1
         value = self._handle.get(address.encode())
         return None if value == TOMBSTONE else value
 
@@ -112,6 +127,7 @@ class Base:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        self._lookups = 0
 
 
 class Grants(MutableMapping):
@@ -177,8 +193,13 @@ class Grants(MutableMapping):
                 yield address, grant
         if self._base.path is None:
             return
-        self._base.get("")  # opens it
-        handle = self._base._handle
+        handle = self._base.open()  # its own: lookups made meanwhile reopen the shared one
+        try:
+            yield from self._base_items(handle, changes, keep)
+        finally:
+            handle.close()
+
+    def _base_items(self, handle, changes: dict, keep):
         read, expected = 0, None
         try:
             key = handle.firstkey()
@@ -260,8 +281,9 @@ class StoreWriter:
     a top of more than MERGE_NOW_AFTER entries; other writers merge at MERGE_AFTER."""
 
     def __init__(self, path: str, *, lock_timeout: float = 10.0, background_merges: bool = False,
-                 defer_directory_sync: bool = False):
+                 defer_directory_sync: bool = False, base_lookups_per_open: int | None = None):
         self.path = path
+        self.base_lookups_per_open = base_lookups_per_open  # see Base
         self.lock_timeout = lock_timeout
         self.defer_directory_sync = defer_directory_sync  # the caller calls sync_directory() (see there)
         self._directory_sync_due = False
@@ -304,7 +326,7 @@ class StoreWriter:
         if self._base is None or self._base.name != state.base_name:
             if self._base is not None:
                 self._base.close()
-            self._base = Base(self.path, state.base_name)
+            self._base = Base(self.path, state.base_name, self.base_lookups_per_open)
         return self._base
 
     def _lock(self) -> int:
