@@ -121,15 +121,15 @@ def encode_grant(grant: Grant) -> bytes:
     return b"%s %d %d %s %s" % (FORMAT_VERSION, grant.expires_at, grant.login_at, grant.source.encode(), user)
 
 
-def value_is_live(value: bytes, now: float) -> bool:
-    """Grant.is_live() of an encoded grant, read from its first fields alone: a scan over a million
-    grants (`poplock expire`) decodes only those it keeps. A value it cannot read is not live."""
+def value_is_not_live(value: bytes, now: float) -> bool:
+    """Not Grant.is_live() of an encoded grant, read from its first fields alone: a scan over a
+    million grants (`poplock expire`) decodes only those it finds. A value it cannot read is not live."""
     parts = value.split(b" ", 3)
     try:
         expires_at, login_at = int(parts[1]), int(parts[2])
     except (IndexError, ValueError):
-        return False
-    return login_at <= now < expires_at and expires_at - login_at <= MAX_GRANT_LENGTH
+        return True
+    return not (login_at <= now < expires_at and expires_at - login_at <= MAX_GRANT_LENGTH)
 
 
 def decode_grant(address: str, value: bytes) -> Grant:

@@ -44,9 +44,10 @@ import os
 import time
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
+from functools import partial
 
 from poplock.errors import StoreBusyError, StoreCorruptError, StoreError
-from poplock.grants import Grant, GrantDecodeError, decode_grant, encode_grant, value_is_live
+from poplock.grants import Grant, GrantDecodeError, decode_grant, encode_grant, value_is_not_live
 from poplock.store import (
     BASE_KEY,
     COUNT_KEY,
@@ -140,19 +141,34 @@ class Grants(MutableMapping):
         self.changes: dict[str, Grant | None] = {}
         self.cleared = cleared
         self._length: int | None = None  # len() as last counted; each change forgets it
+        self._base_values: dict[str, bytes | None] = {}  # what base_value() found
+        self._base_grants: dict[str, Grant | None] = {}  # and what _published() made of it
+
+    def base_value(self, key: str) -> bytes | None:
+        """The base's raw value for `key` (None: none), read from the file once per transaction:
+        counting, publishing and the changes themselves ask again (an expiry, 100,000 times)."""
+        try:
+            return self._base_values[key]
+        except KeyError:
+            value = self._base_values[key] = self._base.get(key)
+            return value
 
     def _published(self, address: str) -> Grant | None:
         if self.cleared:
             return None
         if address in self._state.grants:
             return self._state.grants[address]
-        value = self._base.get(address)
-        if value is None:
-            return None
         try:
-            return decode_grant(address, value)
+            return self._base_grants[address]
+        except KeyError:
+            pass
+        value = self.base_value(address)
+        try:
+            grant = None if value is None else decode_grant(address, value)
         except GrantDecodeError:
-            return None  # kept as it is until a grant replaces it
+            grant = None  # kept as it is until a grant replaces it
+        self._base_grants[address] = grant
+        return grant
 
     def __getitem__(self, address: str) -> Grant:
         grant = self.changes[address] if address in self.changes else self._published(address)
@@ -210,14 +226,18 @@ class Grants(MutableMapping):
                     continue
                 read += 1
                 if not key.startswith((b"#", USER_PREFIX)):
-                    address = key.decode("utf-8", "replace")
-                    if address not in changes and address not in self._state.grants:
-                        value = handle[key]
-                        if keep is None or keep(value):
+                    value = handle[key]
+                    if keep is None or keep(value):
+                        address = key.decode("utf-8", "replace")
+                        if address not in changes and address not in self._state.grants:
                             try:
-                                yield address, decode_grant(address, value)
+                                grant = decode_grant(address, value)
                             except GrantDecodeError:
-                                pass
+                                grant = None
+                            if keep is not None:  # the few a scan finds are about to be changed
+                                self._base_values[address], self._base_grants[address] = value, grant
+                            if grant is not None:
+                                yield address, grant
                 key = handle.nextkey(key)
         except (_gdbm.error, KeyError) as error:
             raise StoreCorruptError(f"the store's base {self._base.path} is damaged: {error}") from None
@@ -229,8 +249,7 @@ class Grants(MutableMapping):
     def not_live(self, now: float) -> list[Grant]:
         """The grants that do not allow now (expired, or not yet begun): as [g for g in values() if not
         g.is_live(now)], but a base grant is decoded only when it is one of them."""
-        return [grant for _, grant in self.items(keep=lambda value: not value_is_live(value, now))
-                if not grant.is_live(now)]
+        return [grant for _, grant in self.items(keep=partial(value_is_not_live, now=now)) if not grant.is_live(now)]
 
     def __len__(self) -> int:
         if self._length is None:  # each change is looked up in the base: an expiry changes thousands
@@ -259,7 +278,7 @@ class Users:
         if self._grants.cleared:
             return []
         state = self._grants._state
-        value = state.grants[key] if key in state.grants else self._grants._base.get(key)
+        value = state.grants[key] if key in state.grants else self._grants.base_value(key)
         return value.decode("utf-8", "replace").split() if value else []
 
     def set(self, user: str, addresses: list[str]) -> None:
@@ -484,7 +503,7 @@ class StoreWriter:
             if grant is not None:
                 new.grants[address] = grant
                 changed[key] = encode_grant(grant)
-            elif new.base_name is not None and base.get(address) is not None:
+            elif new.base_name is not None and grants.base_value(address) is not None:
                 new.grants[address] = None  # the base's grant is withdrawn
                 changed[key] = TOMBSTONE
             else:
@@ -496,7 +515,7 @@ class StoreWriter:
             if addresses:
                 value = " ".join(addresses).encode()
                 new.grants[name] = changed[key] = value
-            elif new.base_name is not None and base.get(name) is not None:
+            elif new.base_name is not None and grants.base_value(name) is not None:
                 new.grants[name] = None
                 changed[key] = TOMBSTONE
             else:
@@ -852,6 +871,7 @@ def _write_base_file(path: str, old_base: str | None, top: dict[str, Grant | Non
 def _fill_base(new_path: str, old_base: str | None, top: dict[str, Grant | None]) -> None:
     snapshot = _gdbm.open(new_path, "nf", SNAPSHOT_MODE)
     count = 0
+    replaced = {address.encode("utf-8", "surrogateescape") for address in top}
     try:
         if old_base is not None:
             source = _gdbm.open(old_base, "r")
@@ -863,7 +883,7 @@ def _fill_base(new_path: str, old_base: str | None, top: dict[str, Grant | None]
                         expected = source[key]
                     else:
                         read += 1
-                        if not key.startswith(b"#") and key.decode("utf-8", "surrogateescape") not in top:
+                        if key not in replaced and not key.startswith(b"#"):
                             snapshot[key] = source[key]
                             count += 1
                     key = source.nextkey(key)
