@@ -155,7 +155,7 @@ def command_show(config: Config, arguments) -> int:
             widths = [15, 25, 14, 16]
 
         # One format for every line, "ADDRESS  EXPIRES  ...  LOGIN": a million lines are 5 s of listing.
-        line = ("{:<%d}  {:<%d}  {:<%d}  {:<%d}  {}" % tuple(widths)).format
+        line = ("".join(f"{{:<{width}}}  " for width in widths) + "{}").format
 
         rest = (row(grant) for grant in stream)
         _write_lines(line(*row) for row in itertools.chain([header], rows, rest, statics))
