@@ -62,8 +62,10 @@ def main() -> None:
     sources = build_sources(config)
     source = sources[config.sources[0]]
     follower = OneLoginFollower()
-    reader = Reader(config, [sources[name] for name in config.sources], follower,
-                    StoreWriter(config.store_path, background_merges=True, base_lookups_per_open=BASE_LOOKUPS_PER_OPEN), notify=lambda message: None)
+    # As poplock-reader's writer, but installing each commit before it returns: the time is the whole commit's.
+    writer = StoreWriter(config.store_path, background_merges=True, base_lookups_per_open=BASE_LOOKUPS_PER_OPEN)
+    reader = Reader(config, [sources[name] for name in config.sources], follower, writer,
+                    notify=lambda message: None)
     seconds, written = [], []
     for index in range(count):
         follower.pending.append(login_entry(sorted(source.identifiers)[0], f"{network}.{index >> 8}.{index & 255}"))

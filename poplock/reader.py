@@ -37,7 +37,7 @@ from poplock.logs import held_lines, iso_time, log_event, setup_logging
 from poplock.sessions import Bounds, close_session, end_sessions, note_instance, open_session, sweep_sessions
 from poplock.sources import Source, as_received, build_sources
 from poplock.store import lookup_metadata, salvage_snapshot
-from poplock.storewriter import StoreWriter, store_writers
+from poplock.storewriter import InstallError, StoreWriter, store_writers
 
 log = logging.getLogger("poplock.reader")
 
@@ -96,8 +96,34 @@ class Reader:
         self._denials: DenyList = NO_DENIALS
         self._denials_identity = None
         self._over_limit_warned: dict[str, float] = {}  # user -> when the last over-limit warning was
-        # Called with the grants a read made, before its commit is synced and published (run()).
+        # Called with the grants a read made, before its commit is synced and published (run()), and
+        # those of the commits the writer's publisher has not installed yet.
         self.before_publish: Callable[[dict[str, Grant]], None] | None = None
+        self._unpublished: dict[int, dict[str, Grant]] = {}  # the publisher's number -> the grants made
+        self._unreported: dict[int, tuple[list, list]] = {}  # and -> its events, logged once it is installed
+
+    def unpublished_grants(self) -> dict[str, Grant]:
+        """The live grants made by the commits queued and not installed yet (storewriter.Publisher)."""
+        publisher = self.writer.publisher
+        if publisher is None or not self._unpublished:
+            return {}
+        installed = publisher.installed_number
+        for number in [number for number in self._unpublished if number <= installed]:
+            del self._unpublished[number]
+        now = self.clock()
+        made: dict[str, Grant] = {}
+        for grants in self._unpublished.values():  # oldest first: a later grant for the address wins
+            made.update(grants)
+        return {address: grant for address, grant in made.items() if grant.is_live(now)}
+
+    def back_to_installed(self) -> None:
+        """After an install failed: the position on disk is where reading goes on from (what was read
+        since is read again, and its events logged then)."""
+        self._unpublished.clear()
+        self._unreported.clear()
+        metadata = self.writer.durable_metadata
+        if metadata is not None:
+            self.cursor = metadata.get(self._cursor_key)
 
     @property
     def _cursor_key(self) -> str:
@@ -295,6 +321,8 @@ class Reader:
         ended = []  # (what ended sessions, how many, the grants released), reported once committed
         rebuilt = self._initial is not None
         replaced = self._replace
+        publisher = self.writer.publisher
+        queued_before = publisher.queued if publisher is not None else 0
         with self.writer.transaction(replace=self._replace, keep_damaged=self._keep_damaged) as transaction:
             grants = transaction.grants
             if rebuilt:
@@ -344,10 +372,13 @@ class Reader:
                     ended.append(("bound", None, len(released), released))
                 self._next_sweep = now + SESSION_SWEEP_INTERVAL
             self.grant_count = len(transaction.grants)
+            made = {detail.address: detail for kind, detail, *_ in changes
+                    if kind in ("granted", "extended") and detail.is_live(now)} \
+                if publisher is not None or (last and self.before_publish is not None) else {}
             if last and self.before_publish is not None:
-                made = {detail.address: detail for kind, detail, *_ in changes
-                        if kind in ("granted", "extended") and detail.is_live(now)}
-                self.before_publish(made)
+                self.before_publish({**self.unpublished_grants(), **made})
+        if publisher is not None and publisher.queued != queued_before and made:
+            self._unpublished[publisher.queued] = made  # until installed, every early answer counts them
         self._initial = None
         self._replace = self._keep_damaged = False
         if replaced:
@@ -359,6 +390,19 @@ class Reader:
                 save_cursor(self.config.cursor_path, cursor)
             except OSError as error:  # the store holds the cursor; the file is only a second copy
                 log.warning("cannot write the cursor file %s: %s", self.config.cursor_path, error)
+        if publisher is not None and publisher.queued != queued_before:
+            self._unreported[publisher.queued] = (changes, ended)  # logged once installed (report_installed)
+        else:
+            if publisher is not None:
+                self.report_installed(publisher.installed_number)  # those before it first
+            self._report_committed(changes, ended)
+
+    def report_installed(self, installed: int) -> None:
+        """Log the events of the commits the publisher has installed, up to the one numbered `installed`."""
+        for number in sorted(number for number in self._unreported if number <= installed):
+            self._report_committed(*self._unreported.pop(number))
+
+    def _report_committed(self, changes: list, ended: list) -> None:
         with held_lines():
             for kind, detail, login, unit, sender in changes:  # reported once committed
                 self._report(kind, login, unit, detail, sender)
@@ -542,6 +586,8 @@ class SyncListener:
         self._questions: dict[int, int] = {}  # descriptor -> questions it waits the answers of
         self._early: set[int] = set()  # of those, the ones whose questions may be answered early
         self._trusted: set[int] = set()  # connections whose peers may see grants (connection.peer_is_us)
+        # Questions answered once the publisher has installed the state numbered so (storewriter.Publisher).
+        self._deferred: list[tuple[int, dict[int, int]]] = []
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -617,11 +663,27 @@ class SyncListener:
                 self._send(fd, line)
 
     def answer(self, answer: bytes) -> None:
-        """Answer every question taken, one line each."""
+        """Answer every question taken, one line each, those waiting for an install too."""
         self._early.clear()
         questions, self._questions = self._questions, {}
-        for fd, count in questions.items():
-            self._send(fd, answer * count)
+        deferred, self._deferred = self._deferred, []
+        for waiting in [questions] + [waiting for _, waiting in deferred]:
+            for fd, count in waiting.items():
+                self._send(fd, answer * count)
+
+    def answer_when_installed(self, number: int) -> None:
+        """The questions taken and not answered early wait until the state `number` is installed: a
+        peer that may not be told the grants reads them from the store."""
+        self._early.clear()
+        if self._questions:
+            self._deferred.append((number, self._questions))
+            self._questions = {}
+
+    def answer_installed(self, number: int) -> None:
+        """`ok` to the questions waiting for the states up to `number`."""
+        while self._deferred and self._deferred[0][0] <= number:
+            for fd, count in self._deferred.pop(0)[1].items():
+                self._send(fd, b"ok\n" * count)
 
     def _send(self, fd: int, data: bytes) -> None:
         connection = self._connections.get(fd)
@@ -637,6 +699,8 @@ class SyncListener:
     def _drop(self, fd: int) -> None:
         connection = self._connections.pop(fd, None)
         self._questions.pop(fd, None)
+        for _, waiting in self._deferred:  # the descriptor may be reused by another connection
+            waiting.pop(fd, None)
         self._early.discard(fd)
         self._trusted.discard(fd)
         if connection is not None:
@@ -731,10 +795,16 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
     waiting = False  # decisions wait for the journal to be read up to now
     if sync is not None:  # the questions `sync grants` are answered before the commit's syncs
         reader.before_publish = sync.answer_early
+    publisher = writer.publisher  # installs the commits in a thread of its own
     last_reopen = 0.0
     while not stop.requested:
         pause = None
         try:
+            if publisher is not None:
+                installed = publisher.installed()  # raises the StoreError of an install that failed
+                reader.report_installed(installed)
+                if sync is not None:
+                    sync.answer_installed(installed)
             read = reader.process_available()
             attempt = 0
             if waiting:  # before the directory sync: the new state is visible once renamed
@@ -747,13 +817,19 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
                     last_reopen = time.monotonic()
                     follower.reopen(reader.cursor, reader.clock() - reader.config.window)
                     reader.process_available()
-                sync.answer(b"ok\n")
+                if publisher is not None and publisher.busy():
+                    sync.answer_early(reader.unpublished_grants())
+                    sync.answer_when_installed(publisher.queued)
+                else:
+                    sync.answer(b"ok\n")
                 waiting = False
             writer.sync_directory()
         except (StoreError, JournalError, OSError) as error:  # store, cursor file or journal trouble
-            if waiting:
+            if sync is not None:
                 sync.answer(b"error\n")  # they decide from the store as it is
                 waiting = False
+            if isinstance(error, InstallError):
+                reader.back_to_installed()
             event = events.STORE_BUSY if isinstance(error, StoreBusyError) else events.STORE_FAILED
             log_event(log, logging.ERROR, event, "%s; will retry from the last committed position", error)
             if once:
@@ -780,7 +856,7 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
         recheck = reader.config.recheck_interval if pause is None and reader.config.recheck_interval else None
         timeout = _wait_timeout(pause, status_due, watchdog / 2 if watchdog else None, recheck)
         watched = [follower.fileno(), stop.read_fd] + ([merging] if merging is not None else []) + (
-            sync.filenos() if sync is not None else [])
+            sync.filenos() if sync is not None else []) + ([publisher.wake_fd] if publisher is not None else [])
         readable, _, _ = select.select(watched, [], [], timeout)
         if stop.read_fd in readable:
             stop.drain()
@@ -797,7 +873,17 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
         if pause is None:
             follower.process()
     writer.cancel_merge()
+    answer = b"ok\n"
+    if publisher is not None:
+        publisher.drain()  # what was read is installed before the reader goes
+        try:
+            reader.report_installed(publisher.installed())
+        except InstallError as error:
+            log_event(log, logging.ERROR, events.STORE_FAILED, "%s; the next start reads it again", error)
+            answer = b"error\n"
+        publisher.close()
     if sync is not None:
+        sync.answer(answer)
         sync.close()
     reader.notify("STOPPING=1")
     log.info("stopping")
@@ -867,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot open the journal: %s", error)
         return os.EX_NOINPUT
     writer = StoreWriter(config.store_path, background_merges=not arguments.once,
-                         defer_directory_sync=not arguments.once,
+                         defer_directory_sync=not arguments.once, publish_in_background=not arguments.once,
                          base_lookups_per_open=None if arguments.once else BASE_LOOKUPS_PER_OPEN)
     reader = Reader(config, sources, follower, writer)
     try:

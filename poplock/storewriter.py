@@ -2,9 +2,10 @@
 
 A transaction takes an exclusive flock on PATH.lock (writers only; readers never touch
 it), starts from the published state, and on success has gdbm write the new top in memory
-(Scratch), copies it to PATH.new, fsyncs that, renames it over PATH and fsyncs the
+(MemoryTop), copies it to PATH.new, fsyncs that, renames it over PATH and fsyncs the
 directory: one data sync and one directory sync. A crash at any point leaves the previous
-state in place.
+state in place. poplock-reader has those steps after the top is made done in a thread of
+their own (Publisher), so that it goes on reading while the disk syncs.
 
 A commit costs what it changes, not what the store holds (an ISP keeps a million grants,
 and poplock-reader commits on every login):
@@ -41,7 +42,9 @@ import errno
 import fcntl
 import logging
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from functools import partial
@@ -300,7 +303,8 @@ class StoreWriter:
     a top of more than MERGE_NOW_AFTER entries; other writers merge at MERGE_AFTER."""
 
     def __init__(self, path: str, *, lock_timeout: float = 10.0, background_merges: bool = False,
-                 defer_directory_sync: bool = False, base_lookups_per_open: int | None = None):
+                 defer_directory_sync: bool = False, base_lookups_per_open: int | None = None,
+                 publish_in_background: bool = False):
         self.path = path
         self.base_lookups_per_open = base_lookups_per_open  # see Base
         self.lock_timeout = lock_timeout
@@ -311,6 +315,13 @@ class StoreWriter:
         self._base: Base | None = None
         self._changes_since_rewrite = 0
         self._merge: tuple[int, int, State, str] | None = None  # (child pid, pipe fd, state merged, new base)
+        self.durable_metadata: dict | None = None  # the metadata of the state last installed or read from disk
+        self._publisher = Publisher(self) if publish_in_background else None
+
+    @property
+    def publisher(self) -> Publisher | None:
+        """With publish_in_background: what installs the commits' new tops off the caller's thread."""
+        return self._publisher
 
     @property
     def directory(self) -> str:
@@ -325,7 +336,12 @@ class StoreWriter:
         old top is kept as PATH.damaged-TIME. Raises StoreCorruptError when the
         published top is damaged and `replace` is not given.
         """
-        lock_fd = self._lock()
+        publisher = self._publisher
+        if publisher is not None:
+            publisher.raise_failure()
+            if replace or keep_damaged:
+                publisher.drain()  # written in place of everything queued: after it, on disk too
+        lock_fd = self._lock() if publisher is None else publisher.take_lock()
         try:
             state = State({}, {}, {}, None, 0) if replace else self._load()
             base = self._base_for(state)
@@ -335,7 +351,10 @@ class StoreWriter:
                     transaction.metadata != state.metadata:
                 self._publish(state, base, transaction, replace=replace, keep_damaged=keep_damaged)
         finally:
-            os.close(lock_fd)  # releases the flock
+            if publisher is None:
+                os.close(lock_fd)  # releases the flock
+            else:
+                publisher.release_lock()  # once nothing is queued either
             if self._base is not None:
                 # gdbm maps the base: pages a commit's lookups touched would stay in the reader's
                 # memory (a million grants are 100 MB of base). Reopening it costs some 30 µs.
@@ -381,11 +400,13 @@ class StoreWriter:
 
     def _load(self) -> State:
         """The published state: the one this writer published, if the file is still that one."""
-        if self._published is not None and self._still_published(self._published):
+        if self._published is not None and (
+                (self._publisher is not None and self._publisher.busy()) or self._still_published(self._published)):
             return self._published
         self._published = None
         self._changes_since_rewrite = 0
         state = self._read_top()
+        self.durable_metadata = state.metadata
         if state.undecodable:
             log.warning("%s: %d entries this version cannot read are kept as they are",
                         self.path, len(state.undecodable))
@@ -535,31 +556,62 @@ class StoreWriter:
         self._changes_since_rewrite += len(changed)
         afresh = replace or cleared or state.afresh or merged or (
             new.base_name is None and self._changes_since_rewrite >= max(REWRITE_AFTER, len(new.grants)))
-        self._write_top(new, state, changed, afresh=afresh, keep_damaged=keep_damaged)
+        background = self._publisher is not None and not (replace or cleared or merged or keep_damaged)
+        if self._publisher is not None and not background:
+            self._publisher.drain()  # on disk in the order made; old bases are removed below
+        self._write_top(new, state, changed, afresh=afresh, keep_damaged=keep_damaged, background=background)
         if state.base_name != new.base_name:
             self._remove_old_bases(keep=(new.base_name, state.base_name))
 
     def _write_top(self, new: State, old: State, changed: dict[bytes, bytes | None], *, afresh: bool,
-                   keep_damaged: bool = False) -> None:
-        new_path = self.path + ".new"
+                   keep_damaged: bool = False, background: bool = False) -> None:
+        """The new top made in memory, then installed as PATH: here, or with `background` by the
+        publisher's thread (the state is the published one for this writer's next commit at once)."""
         new.generation = os.urandom(8).hex().encode()
         structure = {GENERATION_KEY: new.generation, GRANTS_KEY: b"%d" % new.total, EPOCH_KEY: new.epoch}
         if new.base_name is not None:
             structure[BASE_KEY] = new.base_name.encode()
         count = len(new.grants) + len(new.metadata) + len(new.undecodable) + len(structure)
+
+        def fill(fd: int, path: str) -> None:
+            if afresh or not self._write_into_copy(fd, path, changed, structure, old, count):
+                self._changes_since_rewrite = 0
+                os.ftruncate(fd, 0)
+                _write_top_afresh(path, new, structure, count)
+
+        memory = MemoryTop.create()
+        if memory is None:  # no memory file to name: gdbm writes PATH.new itself
+            self._install(new, fill, keep_damaged=keep_damaged)
+            return
+        try:
+            try:
+                fill(memory.fd, memory.path)
+            except OSError as error:  # _gdbm.error too
+                self._published = None
+                raise StoreError(f"cannot write the grant store {self.path}: {_describe(error)} "
+                                 "(writing the new top in memory)") from None
+            if background:
+                self._published = new
+                self._publisher.enqueue(new, memory)
+                memory = None  # the publisher's now
+            else:
+                self._install(new, lambda fd, path: memory.write_to(fd), keep_damaged=keep_damaged)
+        finally:
+            if memory is not None:
+                memory.close()
+
+    def _install(self, new: State, fill, *, keep_damaged: bool = False, background: bool = False) -> None:
+        """PATH.new filled by fill(fd, path), fsynced and renamed over PATH. With `background`
+        (the publisher's thread), the caller has made `new` the published state already and
+        syncs the directory itself."""
+        new_path = self.path + ".new"
         step = f"writing {new_path}"
         try:
             if os.path.lexists(new_path):
                 os.unlink(new_path)  # left by a writer that crashed; we hold the lock
             fd = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SNAPSHOT_MODE)
             try:
-                with Scratch(fd, new_path) as scratch:
-                    if afresh or not self._write_into_copy(scratch, changed, structure, old, count):
-                        self._changes_since_rewrite = 0
-                        os.ftruncate(scratch.fd, 0)
-                        _write_top_afresh(scratch.path, new, structure, count)
-                    step = f"writing {new_path}"
-                    scratch.copy_out()
+                fill(fd, new_path)
                 os.fchmod(fd, SNAPSHOT_MODE)
                 self._give_to_directory_owner(fd)
                 os.fsync(fd)
@@ -572,9 +624,13 @@ class StoreWriter:
             step = f"renaming {new_path} to {self.path}"
             os.replace(new_path, self.path)
         except OSError as error:
-            self._published = None
+            if not background:
+                self._published = None
             _remove_quietly(new_path)
             raise StoreError(f"cannot write the grant store {self.path}: {error.strerror or error} ({step})") from None
+        self.durable_metadata = new.metadata
+        if background:
+            return
         self._published = new
         self._directory_sync_due = True
         if not self.defer_directory_sync:
@@ -603,33 +659,22 @@ class StoreWriter:
         for name in kept[:-3]:
             _remove_quietly(f"{self.directory}/{name}")
 
-    def _write_into_copy(self, scratch: Scratch, changed: dict[bytes, bytes | None], structure: dict,
+    def _write_into_copy(self, fd: int, path: str, changed: dict[bytes, bytes | None], structure: dict,
                          old: State, count: int) -> bool:
-        """The new top in `scratch`, as a copy of the published top with the changes written in;
-        False if that failed."""
+        """The new top in the file `fd` (named `path`), as a copy of the published top `old` with
+        the changes written in; False if that failed. While the publisher has `old` queued, its
+        memory file is copied: PATH may still be older."""
+        queued = self._publisher.latest(old) if self._publisher is not None else None
+        if queued is not None:
+            try:
+                queued.write_to(fd)
+            except OSError as error:
+                log.warning("cannot copy the new top in memory (%s); writing the new top afresh", _describe(error))
+                return False
+        elif not self._copy_published(fd):
+            return False
         try:
-            published = open_snapshot(self.path, busy_timeout=1.0)
-        except StoreError as error:
-            log.warning("%s; writing the new top afresh", error)
-            return False
-        if published is None:
-            return False
-        try:  # copied under gdbm's read lock: no program can be writing it in place
-            with open(self.path, "rb") as source:
-                size = os.fstat(source.fileno()).st_size
-                copied = 0
-                while copied < size:
-                    sent = os.sendfile(scratch.fd, source.fileno(), copied, size - copied)
-                    if sent == 0:
-                        break
-                    copied += sent
-        except OSError as error:
-            log.warning("cannot copy %s (%s); writing the new top afresh", self.path, _describe(error))
-            return False
-        finally:
-            published.close()
-        try:
-            snapshot = _gdbm.open(scratch.path, "w")
+            snapshot = _gdbm.open(path, "w")
             try:
                 for key, value in changed.items():
                     if value is not None:
@@ -647,6 +692,25 @@ class StoreWriter:
             log.warning("cannot write the changes into a copy of %s (%s); writing the new top afresh",
                         self.path, _describe(error))
             return False
+        return True
+
+    def _copy_published(self, fd: int) -> bool:
+        """PATH, as published, into the file `fd`; False if that failed."""
+        try:
+            published = open_snapshot(self.path, busy_timeout=1.0)
+        except StoreError as error:
+            log.warning("%s; writing the new top afresh", error)
+            return False
+        if published is None:
+            return False
+        try:  # copied under gdbm's read lock: no program can be writing it in place
+            with open(self.path, "rb") as source:
+                _send_whole(fd, source.fileno())
+        except OSError as error:
+            log.warning("cannot copy %s (%s); writing the new top afresh", self.path, _describe(error))
+            return False
+        finally:
+            published.close()
         return True
 
     def _write_base(self, base: Base | None, top: dict[str, Grant | None]) -> str:
@@ -675,6 +739,8 @@ class StoreWriter:
     def merge_in_background(self) -> int:
         """Start writing a new base in a child process; returns a descriptor that turns readable
         when the child is done (then call finish_merge)."""
+        if self._publisher is not None:
+            self._publisher.drain()  # no thread of ours is amid a write when the child is forked
         state = self._published
         name = f"{os.path.basename(self.path)}.base-{os.urandom(8).hex()}"
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -718,7 +784,9 @@ class StoreWriter:
             log.warning("could not merge the top of %s into a new base (status %d); will try again", self.path,
                         status)
             return
-        lock_fd = self._lock()
+        if self._publisher is not None:
+            self._publisher.drain()  # the new top is written here, after everything queued
+        lock_fd = self._lock() if self._publisher is None else self._publisher.take_lock()
         try:
             state = self._load()
             if state.epoch != merged.epoch:  # another writer flushed, replaced or merged meanwhile
@@ -738,7 +806,10 @@ class StoreWriter:
             self._write_top(new, state, {}, afresh=True)
             self._remove_old_bases(keep=(name, merged.base_name))
         finally:
-            os.close(lock_fd)
+            if self._publisher is None:
+                os.close(lock_fd)
+            else:
+                self._publisher.release_lock()
 
     def _remove_old_bases(self, keep: tuple) -> None:
         """Remove the bases no top names, but the one just replaced: a reader that opened the
@@ -796,43 +867,221 @@ def store_writers(path: str) -> frozenset[int]:
     return frozenset(writers)
 
 
-class Scratch:
-    """Where gdbm writes a new top before it goes to PATH.new: a file in memory (memfd_create(2)).
+class InstallError(StoreError):
+    """A commit the publisher could not install (storewriter.Publisher): it, and those queued after
+    it, are not in the store."""
 
-    gdbm syncs what it writes on close (an msync of its mapping) and CPython's module ignores what
-    that returns; in memory that costs nothing, and copy_out() then writes the whole top to PATH.new
-    in one go, for the one fsync of the commit to make durable and to report any error of. Without
-    /proc to name the memory file by (gdbm opens a path), gdbm writes PATH.new itself."""
 
-    def __init__(self, fd: int, new_path: str):
-        self._target = fd
-        self.fd, self.path = fd, new_path
+class MemoryTop:
+    """A new top, written by gdbm in a file in memory (memfd_create(2)) before it goes to PATH.new.
+
+    gdbm syncs what it writes on close (an msync of its mapping), and CPython's module ignores
+    what that returns; in memory that costs nothing, and write_to() then puts the whole top in
+    PATH.new for the commit's one fsync to make durable and to report any error of. The file
+    is never changed once written, so the publisher's thread may copy it while the next commit
+    copies it too."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.path = f"/proc/self/fd/{fd}"  # gdbm opens files by name
+
+    @classmethod
+    def create(cls) -> MemoryTop | None:
+        """A new empty one; None without memfd_create or a /proc to name it by."""
         try:
-            memory = os.memfd_create("poplock-top", os.MFD_CLOEXEC)
-        except OSError:
-            return
-        if os.path.exists(f"/proc/self/fd/{memory}"):
-            self.fd, self.path = memory, f"/proc/self/fd/{memory}"
-        else:
-            os.close(memory)
+            fd = os.memfd_create("poplock-top", os.MFD_CLOEXEC)
+        except (OSError, AttributeError):
+            return None
+        if not os.path.exists(f"/proc/self/fd/{fd}"):
+            os.close(fd)
+            return None
+        return cls(fd)
 
-    def __enter__(self) -> Scratch:
-        return self
+    def duplicate(self) -> MemoryTop:
+        return MemoryTop(os.dup(self.fd))
 
-    def __exit__(self, *exception) -> None:
-        if self.fd != self._target:
-            os.close(self.fd)
+    def write_to(self, fd: int) -> None:
+        _send_whole(fd, self.fd)
 
-    def copy_out(self) -> None:
-        """The new top into PATH.new, whole (a no-op when gdbm wrote PATH.new itself)."""
-        if self.fd == self._target:
-            return
-        size, copied = os.fstat(self.fd).st_size, 0
-        while copied < size:
-            sent = os.sendfile(self._target, self.fd, copied, size - copied)
-            if sent == 0:
-                raise OSError(errno.EIO, f"the new top ended after {copied} of {size} bytes")
-            copied += sent
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _send_whole(target: int, source: int) -> None:
+    """The whole file `source` into `target` (both at offset 0, which sendfile(2) leaves alone)."""
+    size, copied = os.fstat(source).st_size, 0
+    while copied < size:
+        sent = os.sendfile(target, source, copied, size - copied)
+        if sent == 0:
+            raise OSError(errno.EIO, f"the file ended after {copied} of {size} bytes")
+        copied += sent
+
+
+class Publisher:
+    """poplock-reader's commits installed in a thread of their own, so that a slow disk holds up no read.
+
+    A commit makes its new top in memory (MemoryTop) and queues it here; the thread writes it to
+    PATH.new, fsyncs it, renames it over PATH and fsyncs the directory, one at a time and in the
+    order made. The writer meanwhile goes on from the state queued: it holds the store's lock
+    until the queue is empty, so that no other writer reads PATH while a newer state is in
+    memory only. Decisions learn a commit's grants from the reader before it is installed (the
+    early answer); the reader answers `ok` to a question only once the state that read made is
+    installed (installed(), `wake_fd` turning readable when one is).
+
+    If an install fails, those queued after it are dropped (each was made on top of it) and the
+    next transaction, or installed(), raises the StoreError; the writer then starts again from
+    what is on disk, and the caller from its position there (durable_metadata): the journal holds
+    what was read since, so nothing is lost."""
+
+    def __init__(self, writer: StoreWriter):
+        self._writer = writer
+        self._mutex = threading.Lock()
+        self._changed = threading.Condition(self._mutex)  # queued, or installed
+        self._queue: deque = deque()  # (number, state, MemoryTop), the one being installed first
+        self._latest: tuple[State, MemoryTop] | None = None  # the newest state queued and its top
+        self._failure: InstallError | None = None
+        self._lock_fd: int | None = None
+        self._open_transactions = 0
+        self.queued = 0  # the number of the last state queued
+        self.installed_number = 0  # and of the last one installed
+        self.wake_fd, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # --- the writer's side (the caller's thread)
+
+    def take_lock(self) -> int:
+        with self._mutex:
+            self._open_transactions += 1
+            if self._lock_fd is not None:
+                return self._lock_fd
+        try:
+            fd = self._writer._lock()  # no install runs: none is queued while the lock is not held
+        except BaseException:
+            with self._mutex:
+                self._open_transactions -= 1
+            raise
+        with self._mutex:
+            self._lock_fd = fd
+        return fd
+
+    def release_lock(self) -> None:
+        with self._mutex:
+            self._open_transactions -= 1
+            self._release_if_idle()
+
+    def _release_if_idle(self) -> None:
+        if not self._queue and self._open_transactions == 0 and self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def enqueue(self, state: State, memory: MemoryTop) -> None:
+        with self._mutex:
+            if self._failure is not None:  # made on top of a state that was not installed
+                memory.close()
+                return
+            self.queued += 1
+            self._queue.append((self.queued, state, memory.duplicate()))
+            if self._latest is not None:
+                self._latest[1].close()
+            self._latest = (state, memory)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._install_queued, name="poplock-publisher", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+
+    def latest(self, state: State) -> MemoryTop | None:
+        """The top of `state` in memory, if it is the newest state queued."""
+        return self._latest[1] if self._latest is not None and self._latest[0] is state else None
+
+    def busy(self) -> bool:
+        """A state is queued and not installed yet."""
+        with self._mutex:
+            return bool(self._queue)
+
+    def drain(self) -> None:
+        """Wait until everything queued is installed (or dropped after a failure)."""
+        with self._mutex:
+            while self._queue:
+                self._changed.wait()
+
+    def raise_failure(self) -> None:
+        """The StoreError of an install that failed since last asked, raised once; the writer then
+        starts again from the store on disk."""
+        with self._mutex:
+            failure, self._failure = self._failure, None
+            if failure is None:
+                return
+            if self._latest is not None:
+                self._latest[1].close()
+                self._latest = None
+        self._writer._published = None
+        raise failure
+
+    def installed(self) -> int:
+        """The number of the last state installed (wake_fd is emptied); raises an install's failure."""
+        try:
+            while os.read(self.wake_fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+        self.raise_failure()
+        return self.installed_number
+
+    def close(self) -> None:
+        """Install what is queued, then stop the thread."""
+        self.drain()
+        with self._mutex:
+            self._stopping = True
+            self._changed.notify_all()
+            if self._latest is not None:
+                self._latest[1].close()
+                self._latest = None
+        if self._thread is not None:
+            self._thread.join()
+        os.close(self.wake_fd)
+        os.close(self._wake_write)
+
+    # --- the thread
+
+    def _install_queued(self) -> None:
+        while True:
+            with self._mutex:
+                while not self._queue and not self._stopping:
+                    self._changed.wait()
+                if not self._queue:
+                    return
+                number, state, memory = self._queue[0]
+            failure = None
+            try:
+                self._writer._install(state, lambda fd, path, memory=memory: memory.write_to(fd), background=True)
+                try:
+                    _fsync_directory(self._writer.directory)
+                except OSError as error:  # installed and visible already: not a failed commit
+                    log.warning("published %s, but could not sync its directory (%s): a crash now could bring "
+                                "back the state before", self._writer.path, error.strerror or error)
+            except StoreError as error:
+                failure = InstallError(str(error))
+            except BaseException as error:  # noqa: BLE001 - a thread that dies would leave the queue full
+                failure = InstallError(f"cannot write the grant store {self._writer.path}: {error}")
+            finally:
+                memory.close()
+            with self._mutex:
+                self._queue.popleft()
+                if failure is None:
+                    self.installed_number = number
+                else:
+                    self._failure = failure
+                    while self._queue:  # each was made on top of the one that failed
+                        self._queue.popleft()[2].close()
+                self._release_if_idle()
+                self._changed.notify_all()
+            try:
+                os.write(self._wake_write, b".")
+            except BlockingIOError:  # the reader has not emptied it yet: it will look anyway
+                pass
 
 
 def _write_top_afresh(path: str, state: State, structure: dict, count: int) -> None:

@@ -75,13 +75,18 @@ def describe_difference(found: dict, expected: dict) -> str:
 # ---- the shim ----
 
 def build_enospc_shim(directory: Path) -> Path:
-    """enospc.so compiled from enospc.c into `directory` (warnings are errors)."""
-    output = directory / "enospc.so"
+    """enospc.so compiled from enospc.c into `directory`."""
+    return build_shim(SHIM_SOURCE, directory)
+
+
+def build_shim(source: Path, directory: Path) -> Path:
+    """An LD_PRELOAD shim compiled from `source` (tests/support/*.c) into `directory` (warnings are errors)."""
+    output = directory / source.with_suffix(".so").name
     result = subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror",
-                             "-o", str(output), str(SHIM_SOURCE), "-ldl"],
+                             "-o", str(output), str(source), "-ldl"],
                             capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
-        raise RuntimeError(f"cannot build {SHIM_SOURCE.name}:\n{result.stderr}")
+        raise RuntimeError(f"cannot build {source.name}:\n{result.stderr}")
     return output
 
 
