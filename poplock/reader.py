@@ -386,16 +386,22 @@ class Reader:
                       "%d grants", self.config.store_path, self.grant_count)
         self.cursor = cursor
         if cursor is not None:
-            try:
-                save_cursor(self.config.cursor_path, cursor)
-            except OSError as error:  # the store holds the cursor; the file is only a second copy
-                log.warning("cannot write the cursor file %s: %s", self.config.cursor_path, error)
+            if publisher is not None:
+                publisher.then(lambda: self._save_cursor(cursor))  # off the login path too
+            else:
+                self._save_cursor(cursor)
         if publisher is not None and publisher.queued != queued_before:
             self._unreported[publisher.queued] = (changes, ended)  # logged once installed (report_installed)
         else:
             if publisher is not None:
                 self.report_installed(publisher.installed_number)  # those before it first
             self._report_committed(changes, ended)
+
+    def _save_cursor(self, cursor: str) -> None:
+        try:
+            save_cursor(self.config.cursor_path, cursor)
+        except OSError as error:  # the store holds the cursor; the file is only a second copy
+            log.warning("cannot write the cursor file %s: %s", self.config.cursor_path, error)
 
     def report_installed(self, installed: int) -> None:
         """Log the events of the commits the publisher has installed, up to the one numbered `installed`."""

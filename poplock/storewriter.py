@@ -939,7 +939,7 @@ class Publisher:
         self._writer = writer
         self._mutex = threading.Lock()
         self._changed = threading.Condition(self._mutex)  # queued, or installed
-        self._queue: deque = deque()  # (number, state, MemoryTop), the one being installed first
+        self._queue: deque = deque()  # [number, state, MemoryTop, [then...]], the one being installed first
         self._latest: tuple[State, MemoryTop] | None = None  # the newest state queued and its top
         self._failure: InstallError | None = None
         self._lock_fd: int | None = None
@@ -983,7 +983,7 @@ class Publisher:
                 memory.close()
                 return
             self.queued += 1
-            self._queue.append((self.queued, state, memory.duplicate()))
+            self._queue.append([self.queued, state, memory.duplicate(), []])
             if self._latest is not None:
                 self._latest[1].close()
             self._latest = (state, memory)
@@ -991,6 +991,16 @@ class Publisher:
                 self._thread = threading.Thread(target=self._install_queued, name="poplock-publisher", daemon=True)
                 self._thread.start()
             self._changed.notify_all()
+
+    def then(self, action) -> None:
+        """action() once what is queued now is installed, in the thread (not if the install fails);
+        at once when nothing is queued. For the writes that follow a commit (poplock-reader's cursor
+        file): on a busy disk, even a rename waits for the filesystem's journal."""
+        with self._mutex:
+            if self._queue and self._failure is None:
+                self._queue[-1][3].append(action)
+                return
+        action()
 
     def latest(self, state: State) -> MemoryTop | None:
         """The top of `state` in memory, if it is the newest state queued."""
@@ -1053,7 +1063,7 @@ class Publisher:
                     self._changed.wait()
                 if not self._queue:
                     return
-                number, state, memory = self._queue[0]
+                number, state, memory, then = self._queue[0]
             failure = None
             try:
                 self._writer._install(state, lambda fd, path, memory=memory: memory.write_to(fd), background=True)
@@ -1082,6 +1092,11 @@ class Publisher:
                 os.write(self._wake_write, b".")
             except BlockingIOError:  # the reader has not emptied it yet: it will look anyway
                 pass
+            for action in then if failure is None else ():  # once the decisions waiting are told
+                try:
+                    action()
+                except Exception:  # the thread must go on installing
+                    log.exception("after installing %s", self._writer.path)
 
 
 def _write_top_afresh(path: str, state: State, structure: dict, count: int) -> None:
