@@ -9,6 +9,8 @@ See sd_journal_open(3), sd_journal_seek_cursor(3), sd_journal_get_fd(3).
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Iterable, Iterator, Mapping
 
 from systemd import journal
@@ -16,6 +18,9 @@ from systemd import journal
 log = logging.getLogger("poplock.follow")
 
 FIELDS = ("MESSAGE", "_UID", "_SYSTEMD_UNIT", "SYSLOG_IDENTIFIER", "_PID", "_COMM")
+# Where journald keeps this machine's system journal (runtime, then persistent); see systemd-journald(8).
+JOURNAL_DIRECTORIES = ("/run/log/journal", "/var/log/journal")
+ONLINE_FILE = "system.journal"
 
 
 class JournalEntry(Mapping):
@@ -81,11 +86,20 @@ class JournalFollower:
     """
 
     def __init__(self, matches: Iterable[str] | None, *, directory: str | None = None,
-                 files: list[str] | None = None, sender: str | None = None):
+                 files: list[str] | None = None, sender: str | None = None, live: bool = False):
         self.matches = list(matches) if matches is not None else None
         self.directory = directory
         self.files = files
         self.sender = sender
+        # `live` (the system journal only): once it has read to the end, it follows only the files
+        # journald still writes (live_files()). With matches, every step of sd-journal looks into
+        # every file: at 78 files (a journal of 2 GB) a read for a decision took 3.4 ms at the
+        # median, at 4 files 0.3 ms. Archived files get no new entries.
+        self.live = live and directory is None and files is None
+        self._live_files: list[str] | None = None  # the files followed, once it has caught up
+        self._live_inodes: set[int] = set()  # theirs when opened: a rotation renames them
+        self._live_since = 0.0  # and when they were opened
+        self._fallback = 0.0  # the realtime sought last, for a reopen that has no entry to go on from
         self._reader = self._open()
         self._pending = False  # the current entry is positioned on but not yet read
         self._looked_again = False  # peek() already looked again in this pass
@@ -97,17 +111,21 @@ class JournalFollower:
             reader = journal._Reader(flags=0, path=self.directory)
         elif self.files is not None:
             reader = journal._Reader(flags=0, files=self.files)
+        elif self._live_files:
+            reader = journal._Reader(flags=0, files=self._live_files)
         else:
             reader = journal._Reader(flags=journal.LOCAL_ONLY | journal.SYSTEM)
         for match in self.matches or ():
             reader.add_match(match)
             reader.add_disjunction()
+        reader.fileno()  # sets up its inotify watches now: a rotation from here on is told (process())
         return reader
 
     def seek(self, cursor: str | None, fallback_realtime: float) -> str:
         """Position just after `cursor`, else at `fallback_realtime` (seconds); returns a Position."""
         self._pending = False
         self._consumed = cursor
+        self._fallback = fallback_realtime
         if cursor is not None:
             try:
                 self._reader.seek_cursor(cursor)
@@ -135,6 +153,9 @@ class JournalFollower:
         Each entry reads its fields from the journal when asked, and only while it is
         the current one: use it before taking the next.
         """
+        catching_up = self.live and self._live_files is None
+        # Before the end is found: see _follow_live.
+        online, since = (_online_inodes(), time.time()) if catching_up else (None, 0.0)
         reader = self._reader
         entry = JournalEntry(reader, self.sender)
         count = 0
@@ -145,10 +166,29 @@ class JournalFollower:
                 self._pending = False
             elif not reader._next():
                 if looked_again or not self.matches or not self._look_again():
+                    if catching_up and online:
+                        self._follow_live(online, since, self.taken_cursor())
                     return
                 looked_again = True
                 continue
             yield entry
+
+    def _follow_live(self, known: set[int], since: float, position: str | None) -> None:
+        """At the end of the journal: go on with only the files journald writes, from here.
+
+        Those are the system.journal files, and those journald archived since the inodes `known`
+        were the system.journal files, at `since` (see live_files): the entries it wrote there
+        meanwhile are still read. A reopen after a rotation (process()) keeps the same rule.
+        Reading goes on after `position`, the cursor of the entry taken last."""
+        files = live_files(known, since)
+        if not files:
+            return
+        self._live_files = files
+        self._live_inodes = {inode for inode in map(_inode, files) if inode is not None}
+        self._live_since = time.time()
+        self._reader.close()
+        self._reader = self._open()
+        self.seek(position, self._fallback)
 
     def start_pass(self) -> None:
         """Before a round of peek() and take(): peek() may look again once per round."""
@@ -229,11 +269,26 @@ class JournalFollower:
 
     def process(self) -> bool:
         """Consume the journal's inotify events after its descriptor turned readable; True when
-        journal files were added or removed."""
-        return self._reader.process() == journal.INVALIDATE
+        journal files were added or removed (following the live files, it then opens them anew)."""
+        position = self.taken_cursor() if self._live_files is not None else None
+        changed = self._reader.process() == journal.INVALIDATE  # a file gone: its entries with it
+        if changed and self._live_files is not None:
+            self._follow_live(self._live_inodes, self._live_since, position)
+        return changed
 
     def reopen(self, cursor: str | None, fallback_realtime: float) -> str:
-        """Start over with a fresh journal handle (after errors reading the old one)."""
+        """Start over with a fresh journal handle (after errors reading the old one), over every
+        file again: the cursor may lie anywhere in the journal."""
+        self._live_files = None
+        return self.look_afresh(cursor, fallback_realtime)
+
+    def look_afresh(self, cursor: str | None, fallback_realtime: float) -> str:
+        """A fresh journal handle on the files followed, positioned after `cursor`: it sees what
+        the long-lived one may have stepped past (_look_again), for a decision waiting on a login."""
+        if self._live_files is not None:
+            self._live_files = live_files(self._live_inodes, self._live_since) or None
+            self._live_inodes = {inode for inode in map(_inode, self._live_files or ()) if inode is not None}
+            self._live_since = time.time()
         self._reader.close()
         self._reader = self._open()
         self._pending = False
@@ -241,3 +296,50 @@ class JournalFollower:
 
     def close(self) -> None:
         self._reader.close()
+
+
+def _machine_directories() -> list[str]:
+    from systemd import id128
+
+    machine = id128.get_machine().hex
+    return [f"{base}/{machine}" for base in JOURNAL_DIRECTORIES]
+
+
+def _online_inodes() -> set[int]:
+    """The inodes of the system.journal files journald writes now."""
+    found = (_inode(f"{directory}/{ONLINE_FILE}") for directory in _machine_directories())
+    return {inode for inode in found if inode is not None}
+
+
+def live_files(known: set[int], since: float) -> list[str]:
+    """The system journal's files that may hold entries not read yet by a follower that had read all
+    but the files `known` (inodes) at `since` (seconds): system.journal in each directory; the
+    archived files (system@SEQNUM_ID-HEAD_SEQNUM-HEAD_REALTIME.journal) among `known`, which a
+    rotation renamed; and those whose first entry came after `since` (less a second, for the clock),
+    which were made and archived since, by rotations in a row."""
+    files = []
+    for directory in _machine_directories():
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            name = entry.name
+            if name == ONLINE_FILE:
+                files.append(entry.path)
+            elif name.startswith("system@") and name.endswith(".journal"):
+                head = name[:-len(".journal")].rpartition("-")[2]
+                try:
+                    recent = int(head, 16) / 1e6 >= since - 1
+                except ValueError:
+                    recent = True  # a name of another form: read it rather than miss it
+                if recent or entry.inode() in known:
+                    files.append(entry.path)
+    return files
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None

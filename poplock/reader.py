@@ -821,7 +821,7 @@ def run(reader: Reader, follower: JournalFollower, *, once: bool) -> int:
                     # 1 in 1,000 measured) or a file it was not told of yet. At most ten times a
                     # second: a flood of refusals (every inbound MX connection) must stay cheap.
                     last_reopen = time.monotonic()
-                    follower.reopen(reader.cursor, reader.clock() - reader.config.window)
+                    follower.look_afresh(reader.cursor, reader.clock() - reader.config.window)
                     reader.process_available()
                 if publisher is not None and publisher.busy():
                     sync.answer_early(reader.unpublished_grants())
@@ -911,7 +911,8 @@ def open_journals(config: Config, sources: list[Source], *, directory: str | Non
     [Reader] Directory= the journals received from the POP hosts the sources list (received.py).
 
     Raises OSError (or ValueError) when a journal cannot be opened."""
-    local = JournalFollower(journal_matches(config, sources), directory=directory, files=files)
+    local = JournalFollower(journal_matches(config, sources), directory=directory, files=files,
+                            live=not config.received_directory)  # received.py waits on its descriptor
     if not config.received_directory:
         return local
     from poplock.received import ReceivedJournals

@@ -252,6 +252,9 @@ class ReceivedJournals:
         self._rescan()
         return self.seek(cursor, fallback_realtime)
 
+    def look_afresh(self, cursor: str | None, fallback_realtime: float) -> str:
+        return self.reopen(cursor, fallback_realtime)
+
     def close(self) -> None:
         for stream in self._streams.values():
             stream.close()

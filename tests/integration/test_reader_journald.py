@@ -156,3 +156,26 @@ def test_a_journal_rotation_while_following_loses_nothing_and_replays_nothing(ta
         reader.stop()
     assert sorted(grants(tagged)) == [f"10.88.0.{index}" for index in range(1, 6)]
     assert "changes nothing" not in reader.output()
+
+
+def test_logins_journald_archives_before_the_reader_has_read_them_are_read_all_the_same(tagged):
+    """Caught up, the reader follows only the files journald writes (follow.py's live files): the file
+    archived by a rotation is still read to its end, whatever it holds that the reader had not read yet."""
+    import subprocess as run
+
+    journald_pid = run.run(["pgrep", "-o", "-x", "systemd-journal"], capture_output=True, text=True,
+                           check=True).stdout.split()[0]
+    with ReaderProcess(tagged) as reader:
+        log_as_root(tagged, login_line("10.89.0.1"))
+        tagged.wait_until_allowed("10.89.0.1")  # read to the end: following the live files now
+        for rotation in range(3):
+            for index in range(40):
+                log_as_root(tagged, login_line(f"10.89.{rotation + 1}.{index}"))
+            run.run(["kill", "-USR2", journald_pid], check=True)  # while the reader may be reading them
+        log_as_root(tagged, login_line("10.89.9.9"))
+        tagged.wait_until_allowed("10.89.9.9")
+        reader.stop()
+    expected = {"10.89.0.1", "10.89.9.9"} | {f"10.89.{rotation + 1}.{index}" for rotation in range(3)
+                                            for index in range(40)}
+    assert set(grants(tagged)) == expected
+    assert "changes nothing" not in reader.output()
