@@ -642,10 +642,16 @@ class SyncListener:
             return
         count = data.count(b"\n")
         if count:
+            # Early only if every question it waits on asks for the grants (a decision service may
+            # have two in flight).
+            early = fd in self._trusted and data == b"sync grants\n" * count and (
+                fd in self._early or not self._questions.get(fd))
             self._questions[fd] = self._questions.get(fd, 0) + count
             self._connections[fd] = self._connections.pop(fd)  # the most recently heard from last
-            if count == 1 and fd in self._trusted and data.endswith(b"sync grants\n"):
+            if early:
                 self._early.add(fd)
+            else:
+                self._early.discard(fd)
 
     def answer_early(self, grants: dict) -> None:
         """Answer the questions `sync grants` of peers that may see grants, before the read's commit
@@ -664,9 +670,11 @@ class SyncListener:
         line = b"ok " + json.dumps({key: encode_grant(grant).decode("utf-8", "surrogateescape")
                                     for key, grant in grants.items()}).encode() + b"\n" if grants else b"ok\n"
         early, self._early = self._early, set()
-        for fd in early:
-            if self._questions.pop(fd, None):
-                self._send(fd, line)
+        deferred = {fd for _, waiting in self._deferred for fd in waiting}  # answered in the order asked
+        for fd in early - deferred:
+            count = self._questions.pop(fd, 0)
+            if count:
+                self._send(fd, line * count)
 
     def answer(self, answer: bytes) -> None:
         """Answer every question taken, one line each, those waiting for an install too."""

@@ -278,3 +278,38 @@ def test_a_one_shot_question_as_the_readers_user_is_told_the_grant_before_it_is_
             assert fresh.may_relay(address)
         else:
             raise AssertionError("the reader never had a login left to read when asked")
+
+
+def test_refusals_from_many_connections_at_once_are_each_answered_after_their_login_is_read(fresh):
+    """The policy service has up to two questions to the reader in flight on its one connection
+    (decisions.ReaderSync): whichever question a refusal waits on, its answer covers its login."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tags = [f"{fresh.tag}-{number}" for number in range(8)]  # each client's logins readable on their own
+    fresh.config.write_text(fresh.config.read_text().replace(f"Identifiers={fresh.tag}\n",
+                                                             f"Identifiers={' '.join(tags)}\n"))
+    with ReaderProcess(fresh), PolicyProcess(fresh) as policy:
+        send_until_readable(login_line("10.88.9.9"), tags[0])
+        fresh.wait_until_allowed("10.88.9.9")  # the reader has caught up with the journal at its start
+
+        def client(number: int) -> list[str]:
+            refused = []
+            with socket.create_connection(("127.0.0.1", policy.port), timeout=10) as connection:
+                replies = connection.makefile("rb")
+                for index in range(10):
+                    address = f"10.88.{number}.{index}"
+                    send_until_readable(login_line(address), tags[number])
+                    connection.sendall(f"request=smtpd_access_policy\nclient_address={address}\n\n".encode())
+                    if replies.readline() != b"action=OK\n":
+                        refused.append(address)
+                    assert replies.readline() == b"\n"
+                    # A refusal of an address that never logged in, asked meanwhile by the others too.
+                    connection.sendall(f"request=smtpd_access_policy\nclient_address=10.89.{number}.{index}\n\n"
+                                       .encode())
+                    assert replies.readline() == b"action=DUNNO\n"
+                    assert replies.readline() == b"\n"
+            return refused
+
+        with ThreadPoolExecutor(8) as pool:
+            refused = [address for found in pool.map(client, range(8)) for address in found]
+    assert refused == []
