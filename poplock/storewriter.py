@@ -564,9 +564,10 @@ class StoreWriter:
             self._remove_old_bases(keep=(new.base_name, state.base_name))
 
     def _write_top(self, new: State, old: State, changed: dict[bytes, bytes | None], *, afresh: bool,
-                   keep_damaged: bool = False, background: bool = False) -> None:
+                   keep_damaged: bool = False, background: bool = False, before=None) -> None:
         """The new top made in memory, then installed as PATH: here, or with `background` by the
-        publisher's thread (the state is the published one for this writer's next commit at once)."""
+        publisher's thread (the state is the published one for this writer's next commit at once),
+        which calls before() first."""
         new.generation = os.urandom(8).hex().encode()
         structure = {GENERATION_KEY: new.generation, GRANTS_KEY: b"%d" % new.total, EPOCH_KEY: new.epoch}
         if new.base_name is not None:
@@ -592,7 +593,7 @@ class StoreWriter:
                                  "(writing the new top in memory)") from None
             if background:
                 self._published = new
-                self._publisher.enqueue(new, memory)
+                self._publisher.enqueue(new, memory, before)
                 memory = None  # the publisher's now
             else:
                 self._install(new, lambda fd, path: memory.write_to(fd), keep_damaged=keep_damaged)
@@ -739,8 +740,9 @@ class StoreWriter:
     def merge_in_background(self) -> int:
         """Start writing a new base in a child process; returns a descriptor that turns readable
         when the child is done (then call finish_merge)."""
-        if self._publisher is not None:
-            self._publisher.drain()  # no thread of ours is amid a write when the child is forked
+        # The state published for this writer: with a publisher, maybe still queued (finish_merge's
+        # top is queued after it, and dropped with it if it is not installed). The child only writes
+        # the base file.
         state = self._published
         name = f"{os.path.basename(self.path)}.base-{os.urandom(8).hex()}"
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -784,16 +786,19 @@ class StoreWriter:
             log.warning("could not merge the top of %s into a new base (status %d); will try again", self.path,
                         status)
             return
-        if self._publisher is not None:
-            self._publisher.drain()  # the new top is written here, after everything queued
-        lock_fd = self._lock() if self._publisher is None else self._publisher.take_lock()
+        publisher = self._publisher
+        lock_fd = self._lock() if publisher is None else publisher.take_lock()
         try:
-            state = self._load()
+            state = self._load()  # with a publisher: the newest state queued, whose top is queued after it
             if state.epoch != merged.epoch:  # another writer flushed, replaced or merged meanwhile
                 _remove_quietly(path + ".new")
                 return
+            # Named now, and made durable before a top names it (by the publisher, if there is one:
+            # a directory sync right after the child's can take hundreds of milliseconds). A base that
+            # no top names in the end (an install failed) is removed by the next merge.
             os.replace(path + ".new", path)
-            _fsync_directory(self.directory)
+            if publisher is None:
+                _fsync_directory(self.directory)
             new = State({}, dict(state.metadata), dict(state.undecodable), name, state.total)
             new.epoch = os.urandom(8).hex().encode()
             for address, grant in state.grants.items():
@@ -803,13 +808,18 @@ class StoreWriter:
             for address, grant in merged.grants.items():
                 if grant is not None and address not in state.grants:
                     new.grants[address] = None  # in the new base, but removed since the merge began
-            self._write_top(new, state, {}, afresh=True)
-            self._remove_old_bases(keep=(name, merged.base_name))
+            if publisher is None:
+                self._write_top(new, state, {}, afresh=True)
+                self._remove_old_bases(keep=(name, merged.base_name))
+            else:
+                self._write_top(new, state, {}, afresh=True, background=True,
+                                before=lambda: _fsync_directory(self.directory))
+                publisher.then(lambda: self._remove_old_bases(keep=(name, merged.base_name)))
         finally:
-            if self._publisher is None:
+            if publisher is None:
                 os.close(lock_fd)
             else:
-                self._publisher.release_lock()
+                publisher.release_lock()
 
     def _remove_old_bases(self, keep: tuple) -> None:
         """Remove the bases no top names, but the one just replaced: a reader that opened the
@@ -923,8 +933,10 @@ class Publisher:
     """poplock-reader's commits installed in a thread of their own, so that a slow disk holds up no read.
 
     A commit makes its new top in memory (MemoryTop) and queues it here; the thread writes it to
-    PATH.new, fsyncs it, renames it over PATH and fsyncs the directory, one at a time and in the
-    order made. The writer meanwhile goes on from the state queued: it holds the store's lock
+    PATH.new, fsyncs it, renames it over PATH and fsyncs the directory. It installs the newest
+    state queued, which holds the changes of all before it (each commit is made on top of the one
+    before), so a disk that lags costs fewer syncs and no more memory than one top per commit
+    queued meanwhile. The writer meanwhile goes on from the state queued: it holds the store's lock
     until the queue is empty, so that no other writer reads PATH while a newer state is in
     memory only. Decisions learn a commit's grants from the reader before it is installed (the
     early answer); the reader answers `ok` to a question only once the state that read made is
@@ -939,7 +951,7 @@ class Publisher:
         self._writer = writer
         self._mutex = threading.Lock()
         self._changed = threading.Condition(self._mutex)  # queued, or installed
-        self._queue: deque = deque()  # [number, state, MemoryTop, [then...]], the one being installed first
+        self._queue: deque = deque()  # [number, state, MemoryTop, [then...], before], the one installed first
         self._latest: tuple[State, MemoryTop] | None = None  # the newest state queued and its top
         self._failure: InstallError | None = None
         self._lock_fd: int | None = None
@@ -977,13 +989,14 @@ class Publisher:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-    def enqueue(self, state: State, memory: MemoryTop) -> None:
+    def enqueue(self, state: State, memory: MemoryTop, before=None) -> None:
+        """`state`, whose top is `memory`, to be installed after those queued; before() first."""
         with self._mutex:
             if self._failure is not None:  # made on top of a state that was not installed
                 memory.close()
                 return
             self.queued += 1
-            self._queue.append([self.queued, state, memory.duplicate(), []])
+            self._queue.append([self.queued, state, memory.duplicate(), [], before])
             if self._latest is not None:
                 self._latest[1].close()
             self._latest = (state, memory)
@@ -1063,9 +1076,20 @@ class Publisher:
                     self._changed.wait()
                 if not self._queue:
                     return
-                number, state, memory, then = self._queue[0]
+                # The newest state queued holds every change of those before it (each was made on
+                # top of the one before): only it is installed. A slow disk then costs fewer syncs,
+                # and what waits in memory stays one top, however far the disk lags.
+                taken = len(self._queue)
+                number, state, memory, _, _ = self._queue[-1]
+                befores = [entry[4] for entry in self._queue if entry[4] is not None]
             failure = None
             try:
+                for before in befores:
+                    try:
+                        before()
+                    except OSError as error:
+                        raise StoreError(f"cannot write the grant store {self._writer.path}: "
+                                         f"{error.strerror or error}") from None
                 self._writer._install(state, lambda fd, path, memory=memory: memory.write_to(fd), background=True)
                 try:
                     _fsync_directory(self._writer.directory)
@@ -1076,10 +1100,12 @@ class Publisher:
                 failure = InstallError(str(error))
             except BaseException as error:  # noqa: BLE001 - a thread that dies would leave the queue full
                 failure = InstallError(f"cannot write the grant store {self._writer.path}: {error}")
-            finally:
-                memory.close()
             with self._mutex:
-                self._queue.popleft()
+                then = []
+                for _ in range(taken):
+                    entry = self._queue.popleft()
+                    entry[2].close()
+                    then.extend(entry[3])
                 if failure is None:
                     self.installed_number = number
                 else:

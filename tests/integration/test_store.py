@@ -406,9 +406,10 @@ def test_a_big_store_of_the_first_format_becomes_the_base_and_loses_no_grant(tmp
     assert path.stat().st_size < 64 * 1024
 
 
-def test_a_merge_in_the_background_keeps_the_commits_made_meanwhile(tmp_path):
+@pytest.mark.parametrize("publish_in_background", [False, True], ids=["installed in the commit", "by the publisher"])
+def test_a_merge_in_the_background_keeps_the_commits_made_meanwhile(tmp_path, publish_in_background):
     path = tmp_path / "grants.db"
-    writer = StoreWriter(str(path), background_merges=True)
+    writer = StoreWriter(str(path), background_merges=True, publish_in_background=publish_in_background)
     with writer.transaction() as transaction:
         for address in _addresses(5000):
             transaction.grants[address] = grant(address)  # below MERGE_NOW_AFTER: stays in the top
@@ -421,6 +422,8 @@ def test_a_merge_in_the_background_keeps_the_commits_made_meanwhile(tmp_path):
     os.read(done, 1)  # end of file: the child is done
     writer.finish_merge()
     assert not writer.merge_due()
+    if publish_in_background:  # the new top is queued after the commits made meanwhile
+        writer.publisher.close()
     opened = open_snapshot(str(path), 0.02)
     assert opened.base_name is not None
     top_grants = [key for key in opened.top.keys() if not key.startswith(b"#")]
