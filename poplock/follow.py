@@ -118,7 +118,8 @@ class JournalFollower:
         for match in self.matches or ():
             reader.add_match(match)
             reader.add_disjunction()
-        reader.fileno()  # sets up its inotify watches now: a rotation from here on is told (process())
+        if self._live_files:
+            reader.fileno()  # sets up its inotify watches now: a rotation from here on is told (process())
         return reader
 
     def seek(self, cursor: str | None, fallback_realtime: float) -> str:
