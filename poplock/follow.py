@@ -168,7 +168,7 @@ class JournalFollower:
             elif not reader._next():
                 if looked_again or not self.matches or not self._look_again():
                     if catching_up and online:
-                        self._follow_live(online, since, self.taken_cursor())
+                        self._follow_live(online, since, self._position())
                     return
                 looked_again = True
                 continue
@@ -189,7 +189,27 @@ class JournalFollower:
         self._live_since = time.time()
         self._reader.close()
         self._reader = self._open()
-        self.seek(position, self._fallback)
+        if self.seek(position, self._fallback) == Position.ENTRY_GONE:
+            self._skip_to_after(position)
+
+    def _skip_to_after(self, cursor: str) -> None:
+        """Step over what the pending entry is not after `cursor`: seeking a cursor that the files
+        followed do not hold places the reader by what the cursor says (the sequence number, or the
+        time when the entry is of another numbering), which can be before the entry itself. Reading
+        an entry twice could bring back a grant removed after it."""
+        fields = dict(part.split("=", 1) for part in cursor.split(";") if "=" in part)
+        try:
+            numbering, number, realtime = fields["s"], int(fields["i"], 16), int(fields["t"], 16)
+        except (KeyError, ValueError):
+            return
+        reader = self._reader
+        while self._pending:
+            here = dict(part.split("=", 1) for part in reader._get_cursor().split(";") if "=" in part)
+            same = here.get("s") == numbering
+            if (int(here["i"], 16) > number) if same else (reader._get_realtime() > realtime):
+                return  # after it: read it next
+            if not reader._next():
+                self._pending = False
 
     def start_pass(self) -> None:
         """Before a round of peek() and take(): peek() may look again once per round."""
@@ -224,6 +244,11 @@ class JournalFollower:
             return self._reader._get_cursor()
         except OSError:
             return None
+
+    def _position(self) -> str | None:
+        """Where reading goes on after: the entry taken last, else the cursor sought (a journal with
+        nothing after it yet has no current entry)."""
+        return self.taken_cursor() or self._consumed
 
     def _look_again(self) -> bool:
         """At the end: step back onto the last entry read, so that the next step looks afresh.
@@ -271,7 +296,7 @@ class JournalFollower:
     def process(self) -> bool:
         """Consume the journal's inotify events after its descriptor turned readable; True when
         journal files were added or removed (following the live files, it then opens them anew)."""
-        position = self.taken_cursor() if self._live_files is not None else None
+        position = self._position() if self._live_files is not None else None
         changed = self._reader.process() == journal.INVALIDATE  # a file gone: its entries with it
         if changed and self._live_files is not None:
             self._follow_live(self._live_inodes, self._live_since, position)

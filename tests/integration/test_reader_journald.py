@@ -179,3 +179,27 @@ def test_logins_journald_archives_before_the_reader_has_read_them_are_read_all_t
                                             for index in range(40)}
     assert set(grants(tagged)) == expected
     assert "changes nothing" not in reader.output()
+
+
+def test_a_reader_restarted_after_rotations_goes_on_after_its_cursor_in_an_archived_file(tagged):
+    """Its last entry is in a file journald archived since: it is not among the files followed once
+    caught up (follow.py's live files), and seeking its cursor there must not read anything again."""
+    import subprocess as run
+
+    journald_pid = run.run(["pgrep", "-o", "-x", "systemd-journal"], capture_output=True, text=True,
+                           check=True).stdout.split()[0]
+    first_login = login_line("10.90.0.1").replace("mpid=4242", "mpid=4243").replace("AAAF>", "AAAG>")
+    with ReaderProcess(tagged, "--verbose") as first:
+        log_as_root(tagged, first_login)
+        tagged.wait_until_allowed("10.90.0.1")
+        first.stop()
+    before = grants(tagged)
+    for _ in range(2):
+        run.run(["kill", "-USR2", journald_pid], check=True)
+        time.sleep(0.3)  # journald rotates asynchronously
+    with ReaderProcess(tagged, "--verbose") as second:
+        log_as_root(tagged, login_line("10.90.0.2"))  # another session
+        tagged.wait_until_allowed("10.90.0.2")
+        second.stop()
+    assert "10.90.0.1" not in second.output(), second.output()  # not read again
+    assert grants(tagged)["10.90.0.1"] == before["10.90.0.1"]

@@ -67,6 +67,16 @@ def asked_for_grants(connection, answers, setup, address: str) -> dict:
     return json.loads(answer[3:])
 
 
+def held_behind(setup, connection, first: str, second: str) -> None:
+    """Logins of `first` and `second`, each asked about: the first's commit held at its fsync, the
+    second's queued behind it."""
+    setup.gate.touch()
+    answers = connection.makefile("rb")
+    asked_for_grants(connection, answers, setup, first)
+    wait_for(lambda: setup.gate.with_suffix(".held").exists(), "the commit never reached its fsync")
+    asked_for_grants(connection, answers, setup, second)
+
+
 def reader_connection(setup) -> socket.socket:
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     connection.settimeout(10)
@@ -103,12 +113,8 @@ def test_a_login_is_read_and_granted_while_an_earlier_commit_waits_on_the_disk(h
 
 def test_a_commit_the_disk_refuses_is_read_again_with_those_made_after_it(held):
     with ReaderProcess(held, environment=held.reader_environment) as reader:
-        held.gate.touch()
         with reader_connection(held) as connection:
-            answers = connection.makefile("rb")
-            asked_for_grants(connection, answers, held, "10.92.0.1")
-            wait_for(lambda: held.gate.with_suffix(".held").exists(), "the commit never reached its fsync")
-            asked_for_grants(connection, answers, held, "10.92.0.2")  # queued behind the first
+            held_behind(held, connection, "10.92.0.1", "10.92.0.2")
             held.gate.with_suffix(".fail").touch()
             held.gate.unlink()  # the first fsync fails with EIO; the second commit was made on top of it
             wait_for(lambda: stored(held) >= {"10.92.0.1", "10.92.0.2"}, "the logins were not read again")
@@ -118,12 +124,8 @@ def test_a_commit_the_disk_refuses_is_read_again_with_those_made_after_it(held):
 
 def test_a_reader_killed_while_its_commits_wait_on_the_disk_loses_none_of_them(held):
     with ReaderProcess(held, environment=held.reader_environment) as reader:
-        held.gate.touch()
         with reader_connection(held) as connection:
-            answers = connection.makefile("rb")
-            asked_for_grants(connection, answers, held, "10.93.0.1")
-            wait_for(lambda: held.gate.with_suffix(".held").exists(), "the commit never reached its fsync")
-            asked_for_grants(connection, answers, held, "10.93.0.2")
+            held_behind(held, connection, "10.93.0.1", "10.93.0.2")
         reader.kill()
     held.gate.unlink()
     assert stored(held) == set()
