@@ -35,22 +35,31 @@ _KINDS = {
 
 
 class Change:
-    """One administrative change: `kind` ADD, REMOVE or FLUSH, at `time` (seconds since the epoch)."""
+    """One administrative change: `kind` ADD, REMOVE or FLUSH, at `time` (seconds since the epoch).
 
-    __slots__ = ("kind", "address", "expires_at", "time")
+    An ADD's `login_at` is the login time the grant was stored with (the entry's
+    POPLOCK_LOGIN_TIME), so that a replay stores what the change did; entries without it
+    give the second the change was logged.
+    """
 
-    def __init__(self, kind: str, address: str | None, expires_at: int | None, time: float):
+    __slots__ = ("kind", "address", "expires_at", "time", "login_at")
+
+    def __init__(self, kind: str, address: str | None, expires_at: int | None, time: float,
+                 login_at: int | None = None):
         self.kind = kind
         self.address = address
         self.expires_at = expires_at
         self.time = time
+        self.login_at = int(time) if login_at is None else login_at
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Change) and (self.kind, self.address, self.expires_at, self.time) == (
-            other.kind, other.address, other.expires_at, other.time)
+        return isinstance(other, Change) and self._fields() == other._fields()
+
+    def _fields(self) -> tuple:
+        return self.kind, self.address, self.expires_at, self.time, self.login_at
 
     def __repr__(self) -> str:
-        return f"Change({self.kind!r}, {self.address!r}, {self.expires_at!r}, {self.time!r})"
+        return f"Change({self.kind!r}, {self.address!r}, {self.expires_at!r}, {self.time!r}, {self.login_at!r})"
 
 
 def parse_change(entry: Mapping[str, str], store_path: str, trusted_uids: frozenset[int],
@@ -82,11 +91,19 @@ def parse_change(entry: Mapping[str, str], store_path: str, trusted_uids: frozen
         return None
     if kind == REMOVE:
         return Change(REMOVE, address, None, time)
+    expires_at = _epoch(entry.get("POPLOCK_EXPIRES", ""))
+    if expires_at is None:
+        return None
+    login_at = _epoch(entry.get("POPLOCK_LOGIN_TIME", ""))
+    # never after the entry: a login time to come would keep the grant from being live
+    return Change(ADD, address, expires_at, time, None if login_at is None else min(login_at, int(time)))
+
+
+def _epoch(text: str) -> int | None:
     try:
-        expires_at = int(datetime.datetime.fromisoformat(entry.get("POPLOCK_EXPIRES", "")).timestamp())
+        return int(datetime.datetime.fromisoformat(text).timestamp())
     except ValueError:
         return None
-    return Change(ADD, address, expires_at, time)
 
 
 def apply_change(grants: dict[str, Grant], change: Change, now: float) -> bool:
@@ -97,7 +114,7 @@ def apply_change(grants: dict[str, Grant], change: Change, now: float) -> bool:
         return changed
     if change.kind == REMOVE:
         return grants.pop(change.address, None) is not None
-    login_at = int(change.time)
+    login_at = change.login_at
     if change.expires_at - login_at > MAX_GRANT_LENGTH or change.expires_at <= now:
         return False
     existing = grants.get(change.address)

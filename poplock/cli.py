@@ -364,7 +364,7 @@ def command_add(config: Config, arguments) -> int:
     grant = change_store(config, add)
     log_event(log, logging.INFO, events.GRANT_ADDED, "granted %s until %s by hand", grant.address,
               iso_time(grant.expires_at), address=grant.address, source="manual", expires=grant.expires_at,
-              store=config.store_path)
+              store=config.store_path, login=grant.login_at)
     _warn_unless_journaled()
     print(f"{grant.address} may relay until {iso_time(grant.expires_at)}")
     return os.EX_OK
@@ -486,7 +486,7 @@ def command_import(config: Config, arguments) -> int:
         for grant in imported:  # replayable like `poplock add`: a rebuild keeps them
             log_event(log, logging.INFO, events.GRANT_ADDED, "granted %s until %s by import", grant.address,
                       iso_time(grant.expires_at), address=grant.address, source=grant.source,
-                      expires=grant.expires_at, store=config.store_path)
+                      expires=grant.expires_at, store=config.store_path, login=grant.login_at)
         _warn_unless_journaled()
     skipped = f"; {found.expired} expired left out" if found.expired else ""
     bad = f"; {_count(len(found.problems), 'bad line')} skipped" if found.problems else ""

@@ -188,7 +188,7 @@ def iso_time(seconds: float) -> str:
 def log_event(logger: logging.Logger, level: int, event: Event, message: str, *args,
               address: str | None = None, source: str | None = None, unit: str | None = None,
               expires: float | None = None, store: str | None = None, user: str | None = None,
-              host: str | None = None) -> None:
+              host: str | None = None, login: float | None = None) -> None:
     """Log one event with its MESSAGE_ID and POPLOCK_* fields (fields reach the journal only)."""
     fields = {"MESSAGE_ID": event.message_id, "POPLOCK_EVENT": event.name}
     if address is not None:
@@ -201,6 +201,8 @@ def log_event(logger: logging.Logger, level: int, event: Event, message: str, *a
         fields["POPLOCK_EXPIRES"] = iso_time(expires)
     if store is not None:
         fields["POPLOCK_STORE"] = store
+    if login is not None:  # a change made by hand: the login time its replay stores (changes.py)
+        fields["POPLOCK_LOGIN_TIME"] = iso_time(login)
     if host is not None:  # the POP host whose received journal held the login (received.py)
         fields["POPLOCK_POP_HOST"] = host
     if user is not None:  # a field, never the message: user names are not for every log reader

@@ -48,6 +48,21 @@ def test_entries_that_are_not_a_trusted_complete_change_of_this_store_change_not
     assert parse_change(forged, STORE, TRUSTED, MACHINE) is None
 
 
+def test_an_add_keeps_the_login_time_it_was_stored_with_but_never_one_after_its_entry():
+    # `poplock add` stores the second it started in; the entry may be logged in the next one
+    added = entry(events.GRANT_ADDED, POPLOCK_CLIENT_ADDRESS="192.0.2.7", POPLOCK_EXPIRES=iso_time(NOW + 7200),
+                  POPLOCK_LOGIN_TIME=iso_time(NOW - 1))
+    change = parse_change(added, STORE, TRUSTED, MACHINE)
+    assert change == Change(ADD, "192.0.2.7", NOW + 7200, NOW, NOW - 1)
+    grants: dict = {}
+    assert apply_change(grants, change, NOW + 5)
+    assert grants == {"192.0.2.7": Grant("192.0.2.7", NOW + 7200, NOW - 1, "manual")}
+    later = dict(added, POPLOCK_LOGIN_TIME=iso_time(NOW + 3600))
+    assert parse_change(later, STORE, TRUSTED, MACHINE).login_at == NOW
+    garbled = dict(added, POPLOCK_LOGIN_TIME="yesterday")
+    assert parse_change(garbled, STORE, TRUSTED, MACHINE) == Change(ADD, "192.0.2.7", NOW + 7200, NOW)
+
+
 def test_changes_replayed_in_journal_order_end_as_the_administrator_left_them():
     grants = {"192.0.2.1": Grant("192.0.2.1", NOW + 1800, NOW, "dovecot"),
               "192.0.2.2": Grant("192.0.2.2", NOW + 1800, NOW, "dovecot")}
