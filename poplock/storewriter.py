@@ -748,7 +748,12 @@ class StoreWriter:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # the child: write the base, say how it went by the exit status, nothing else
-            os.close(read_fd)
+            # It keeps none of the parent's descriptors: a copy of the store lock's (held while the
+            # publisher installs) held the lock until the child exited, so the reader's next commit
+            # waited for the whole merge (1.4 s at a million grants); a copy of a decision's
+            # connection would keep it open after the parent closed it.
+            os.closerange(3, write_fd)
+            os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
             status = 1
             try:
                 os.nice(10)  # the logins the parent commits meanwhile come first

@@ -7,6 +7,7 @@ a real journald, the real reader, poplock-policy and `poplock show` (which reads
 """
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 from support.faults import build_shim
 from support.journald import send_until_readable, unique_tag
 from support.poplock import PolicyProcess, ReaderProcess, Setup
+
+from poplock.storewriter import MERGE_AFTER
 
 SHIM_SOURCE = Path(__file__).parents[1] / "support" / "holdfsync.c"
 
@@ -39,7 +42,7 @@ def held(journald, shim, tmp_path):
     setup.tag = tag
     setup.gate = tmp_path / "gate"
     setup.reader_environment = {"LD_PRELOAD": str(shim), "HOLD_FSYNC_GATE": str(setup.gate),
-                                "HOLD_FSYNC_SUFFIX": "/grants.db.new"}
+                                "HOLD_FSYNC_PATH": "*/grants.db.new"}
     yield setup
     setup.gate.unlink(missing_ok=True)  # a reader left holding an fsync lets it go
 
@@ -131,3 +134,40 @@ def test_a_reader_killed_while_its_commits_wait_on_the_disk_loses_none_of_them(h
     assert stored(held) == set()
     with ReaderProcess(held):
         wait_for(lambda: stored(held) >= {"10.93.0.1", "10.93.0.2"}, "the restarted reader did not grant them")
+
+
+def merge_children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_merge_held_at_its_fsync_holds_up_no_commit_no_other_writer_and_no_decision(held):
+    """The merge into a new base runs in a child while logins go on, and the child keeps none of
+    the reader's descriptors: a copy of the store lock's, taken while a commit was being installed,
+    held the lock until the child exited, and the next commit and every `poplock add` waited for
+    the whole merge (1.4 s at a million grants)."""
+    top = held.directory / "top.txt"
+    top.write_text("".join(f"10.94.{index >> 8}.{index & 255}\n" for index in range(MERGE_AFTER - 1)))
+    held.run("import", "--no-journal", str(top), check=True)  # one login more, and the top is due
+    environment = dict(held.reader_environment, HOLD_FSYNC_PATH="*/grants.db.base-*.new")
+    held.gate.touch()
+    with ReaderProcess(held, environment=environment) as reader:
+        with reader_connection(held) as connection:
+            answers = connection.makefile("rb")
+            asked_for_grants(connection, answers, held, "10.95.0.1")
+            wait_for(lambda: held.gate.with_suffix(".held").exists(), "the merge never reached its fsync")
+            [child] = merge_children(reader.process.pid)
+            kept = [os.readlink(link) for link in Path(f"/proc/{child}/fd").iterdir() if int(link.name) > 2]
+            assert [target for target in kept if target.endswith(".lock") or target.startswith("socket:")] == []
+
+            send_until_readable(login_line("10.95.0.2"), held.tag)
+            connection.sendall(b"sync\n")  # answered once the commit that read it is installed
+            assert answers.readline() == b"ok\n"
+            assert {"10.95.0.1", "10.95.0.2"} <= stored(held)
+            assert held.run("add", "192.0.2.55").returncode == 0
+            assert merge_children(reader.process.pid) == [child]  # still held: all of that ran meanwhile
+
+            held.gate.unlink()
+            wait_for(lambda: not merge_children(reader.process.pid), "the merge did not end")
+            wait_for(lambda: len(list(held.directory.glob("grants.db.base-*"))) == 1, "no new base was made")
+            assert len(stored(held)) == MERGE_AFTER - 1 + 3
+        assert reader.stop() == 0

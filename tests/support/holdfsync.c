@@ -2,7 +2,7 @@
  *
  * Built by tests/support/faults.py (build_shim) with
  *     gcc -shared -fPIC -O2 -o holdfsync.so holdfsync.c -ldl
- * and run in poplock-reader. An fsync of a file whose path ends with HOLD_FSYNC_SUFFIX, while the file
+ * and run in poplock-reader. An fsync of a file whose path matches HOLD_FSYNC_PATH (a glob), while the file
  * HOLD_FSYNC_GATE exists, creates GATE.held and waits until GATE is removed; then, if GATE.fail exists,
  * it removes that and fails with EIO (once), else it syncs. Any other fsync is the real one.
  */
@@ -10,28 +10,26 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <fnmatch.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 #include <unistd.h>
 
 static int (*real_fsync)(int);
 
 static int held_file(int fd)
 {
-    const char *suffix = getenv("HOLD_FSYNC_SUFFIX");
+    const char *pattern = getenv("HOLD_FSYNC_PATH");
     char link[64], path[4096];
     ssize_t length;
-    size_t wanted;
-    if (suffix == NULL || *suffix == '\0')
+    if (pattern == NULL || *pattern == '\0')
         return 0;
     snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
     length = readlink(link, path, sizeof path - 1);
     if (length < 0)
         return 0;
     path[length] = '\0';
-    wanted = strlen(suffix);
-    return (size_t)length >= wanted && strcmp(path + length - wanted, suffix) == 0;
+    return fnmatch(pattern, path, 0) == 0;
 }
 
 int fsync(int fd)
