@@ -21,6 +21,7 @@ FIELDS = ("MESSAGE", "_UID", "_SYSTEMD_UNIT", "SYSLOG_IDENTIFIER", "_PID", "_COM
 # Where journald keeps this machine's system journal (runtime, then persistent); see systemd-journald(8).
 JOURNAL_DIRECTORIES = ("/run/log/journal", "/var/log/journal")
 ONLINE_FILE = "system.journal"
+_GONE = "gone"  # JournalFollower._first_after: the cursor's entry is not in the files followed
 
 
 class JournalEntry(Mapping):
@@ -105,7 +106,7 @@ class JournalFollower:
         self._looked_again = False  # peek() already looked again in this pass
         self._consumed: str | None = None  # peek(): the cursor of the entry taken before the pending one
 
-    def _open(self) -> journal._Reader:
+    def _open(self, *, watch: bool = True) -> journal._Reader:
         # sd_journal_open_directory/_files take no flags: 0 must be given explicitly.
         if self.directory is not None:
             reader = journal._Reader(flags=0, path=self.directory)
@@ -118,7 +119,7 @@ class JournalFollower:
         for match in self.matches or ():
             reader.add_match(match)
             reader.add_disjunction()
-        if self._live_files:
+        if self._live_files and watch:
             reader.fileno()  # sets up its inotify watches now: a rotation from here on is told (process())
         return reader
 
@@ -306,19 +307,52 @@ class JournalFollower:
         """Start over with a fresh journal handle (after errors reading the old one), over every
         file again: the cursor may lie anywhere in the journal."""
         self._live_files = None
-        return self.look_afresh(cursor, fallback_realtime)
+        return self._replace_handle(cursor, fallback_realtime, None)
 
     def look_afresh(self, cursor: str | None, fallback_realtime: float) -> str:
-        """A fresh journal handle on the files followed, positioned after `cursor`: it sees what
-        the long-lived one may have stepped past (_look_again), for a decision waiting on a login."""
+        """For a decision waiting on a login that the last read did not find: see what the
+        long-lived handle may have stepped past (_look_again catches most, not all). A handle of
+        its own, opened afresh, looks after `cursor`; the long-lived one is replaced only when that
+        finds an entry which it does not give next (or the files followed changed): closing a handle
+        that watches with inotify waits for the kernel, up to 24 ms measured, while a decision waits."""
+        files = self._live_files
+        if files is not None:
+            files = live_files(self._live_inodes, self._live_since) or None
+        if cursor is not None and files == self._live_files and not self._pending:
+            found = self._first_after(cursor)
+            if found is None:
+                return Position.RESUMED  # nothing after it: nothing was stepped past
+            if found is not _GONE and self._reader._next() and self._reader.test_cursor(found):
+                self._pending = True  # it only came after the last read: read it next
+                return Position.RESUMED
+        return self._replace_handle(cursor, fallback_realtime, files)
+
+    def _replace_handle(self, cursor: str | None, fallback_realtime: float, live: list[str] | None) -> str:
+        """A fresh handle on the files followed (`live`, when following the live files), after `cursor`."""
         if self._live_files is not None:
-            self._live_files = live_files(self._live_inodes, self._live_since) or None
-            self._live_inodes = {inode for inode in map(_inode, self._live_files or ()) if inode is not None}
+            self._live_files = live
+            self._live_inodes = {inode for inode in map(_inode, live or ()) if inode is not None}
             self._live_since = time.time()
         self._reader.close()
         self._reader = self._open()
         self._pending = False
         return self.seek(cursor, fallback_realtime)
+
+    def _first_after(self, cursor: str) -> str | None:
+        """The cursor of the first entry after `cursor` that a fresh handle gives, None if there is
+        none, _GONE if `cursor`'s entry is not there to go on from."""
+        probe = self._open(watch=False)
+        try:
+            probe.seek_cursor(cursor)
+            if not probe._next():
+                return None
+            if not probe.test_cursor(cursor):
+                return _GONE
+            return probe._get_cursor() if probe._next() else None
+        except (OSError, ValueError):
+            return _GONE
+        finally:
+            probe.close()  # it never watched: closed at once
 
     def close(self) -> None:
         self._reader.close()
