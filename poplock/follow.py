@@ -318,12 +318,13 @@ class JournalFollower:
         files = self._live_files
         if files is not None:
             files = live_files(self._live_inodes, self._live_since) or None
-        if cursor is not None and files == self._live_files and not self._pending:
+        if files == self._live_files and not self._pending:
             found = self._first_after(cursor)
             if found is None:
                 return Position.RESUMED  # nothing after it: nothing was stepped past
             if found is not _GONE and self._reader._next() and self._reader.test_cursor(found):
                 self._pending = True  # it only came after the last read: read it next
+                self._consumed = cursor
                 return Position.RESUMED
         return self._replace_handle(cursor, fallback_realtime, files)
 
@@ -338,16 +339,20 @@ class JournalFollower:
         self._pending = False
         return self.seek(cursor, fallback_realtime)
 
-    def _first_after(self, cursor: str) -> str | None:
-        """The cursor of the first entry after `cursor` that a fresh handle gives, None if there is
-        none, _GONE if `cursor`'s entry is not there to go on from."""
+    def _first_after(self, cursor: str | None) -> str | None:
+        """The cursor of the first entry after `cursor` (None: after the time sought last, nothing
+        having been read since) that a fresh handle gives, None if there is none, _GONE if
+        `cursor`'s entry is not there to go on from."""
         probe = self._open(watch=False)
         try:
-            probe.seek_cursor(cursor)
-            if not probe._next():
-                return None
-            if not probe.test_cursor(cursor):
-                return _GONE
+            if cursor is None:
+                probe.seek_realtime(int(self._fallback * 1_000_000))
+            else:
+                probe.seek_cursor(cursor)
+                if not probe._next():
+                    return None
+                if not probe.test_cursor(cursor):
+                    return _GONE
             return probe._get_cursor() if probe._next() else None
         except (OSError, ValueError):
             return _GONE

@@ -253,7 +253,23 @@ class ReceivedJournals:
         return self.seek(cursor, fallback_realtime)
 
     def look_afresh(self, cursor: str | None, fallback_realtime: float) -> str:
-        return self.reopen(cursor, fallback_realtime)
+        """For a decision waiting on a login that the last read did not find: the directory's files
+        looked at again (a sender's new file that no notification told of yet), then each stream
+        looks afresh (JournalFollower.look_afresh: its handle is replaced only when it stepped past
+        an entry). Reopening every handle, as reopen() does, closed the inotify descriptors of this
+        host's journal and of the directory, each up to 24 ms, while the decision waited."""
+        positions = decode_positions(cursor)
+        self._rescan()
+        local_fd = self.local.fileno()
+        for name, stream in self._streams.items():
+            stream.look_afresh(positions.get(name), fallback_realtime)
+        if self.local.fileno() != local_fd:  # its handle was replaced: the old descriptor is closed
+            try:
+                self._poll.unregister(local_fd)
+            except (OSError, ValueError):
+                pass
+            self._poll.register(self.local.fileno(), select.EPOLLIN)
+        return Position.RESUMED
 
     def close(self) -> None:
         for stream in self._streams.values():

@@ -285,3 +285,50 @@ def test_ipv6_senders_and_ipv4_ones_at_a_dual_stack_receiver_are_named_and_liste
                       f"[Source:dovecot]\nHosts=2001:DB8:0:0:0:0:0:11 ::ffff:192.0.2.211\n")
     setup.run_reader()
     assert sorted(grants(setup)) == ["192.0.2.10", "192.0.2.12"]
+
+
+def test_looking_afresh_keeps_every_handle_unless_a_stream_stepped_past_an_entry(journald, receiver):
+    """A decision waiting on a login the last read did not find makes the reader look afresh; that
+    reopened every handle, and closing this host's journal's and the directory's inotify descriptors
+    took up to 24 ms each while the decision waited."""
+    from poplock.follow import JournalFollower
+    from poplock.received import ReceivedJournals
+
+    def readable(path, count: int) -> bool:
+        probe = JournalFollower(None, files=[str(path)])
+        probe.seek(None, 0)
+        found = sum(1 for _ in probe.read(None))
+        probe.close()
+        return found >= count
+
+    def wait_readable(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while not readable(receiver.file_of(POP_A), count):
+            assert time.monotonic() < deadline, "the upload never became readable"
+            time.sleep(0.02)
+
+    now = time.time()
+    receiver.upload(POP_A, [login("192.0.2.30", now - 5)])
+    receiver.wait_for_file(POP_A)
+    wait_readable(1)
+    local = JournalFollower(["SYSLOG_IDENTIFIER=poplock-no-such-tag"])
+    journals = ReceivedJournals(str(receiver.directory), local,
+                                lambda sender: ["SYSLOG_IDENTIFIER=dovecot"] if sender == POP_A else None)
+    journals.seek(None, now - 600)
+    assert [entry["MESSAGE"].split("rip=")[1][:10] for entry in journals.read(None)] == ["192.0.2.30"]
+    handles = {name: stream._reader for name, stream in journals._streams.items()}
+    notifier = journals._notifier._reader
+
+    journals.look_afresh(journals.cursor(), now - 600)
+    assert {name: stream._reader for name, stream in journals._streams.items()} == handles
+    assert journals._notifier._reader is notifier and list(journals.read(None)) == []
+
+    receiver.upload(POP_A, [login("192.0.2.31", now - 4), login("192.0.2.32", now - 3)])
+    wait_readable(3)
+    cursor = journals.cursor()
+    assert journals._streams[POP_A]._reader._next()  # stepped past one, as sd-journal may (follow.py)
+    journals.look_afresh(cursor, now - 600)
+    assert journals._streams[POP_A]._reader is not handles[POP_A]
+    assert journals._streams["local"]._reader is handles["local"] and journals._notifier._reader is notifier
+    assert [entry["MESSAGE"].split("rip=")[1][:10] for entry in journals.read(None)] == ["192.0.2.31", "192.0.2.32"]
+    journals.close()
