@@ -5,7 +5,8 @@ lock step (a new request once the last was answered), as smtpd processes do, for
 DURATION seconds; half the clients hold grants in a store of 1,000. Baseline, in the
 same run and under the same load: an asyncio server that answers DUNNO to everything
 without reading the store (the cost of the protocol and the event loop alone).
-Goal: at least 10,000 decisions per second on this 2-core machine.
+One run of each, so a view, not a result: the goal (at least 20,000 decisions a second and
+0.4x the baseline) is checked on paired runs by fresh.py, granted clients and inbound mail apart.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def main() -> None:
         print(f"  {name:40} {value:9.0f} decisions/s  p50 {percentile(values, 0.5) * 1000:5.2f} ms  "
               f"p99 {percentile(values, 0.99) * 1000:5.2f} ms")
     print(f"  ratio to the baseline: {rate / baseline_rate:.2f}x   ({allowed} relays allowed and logged)")
-    print("  goal: at least 10000 decisions/s")
+    print("  goal: at least 20000 decisions/s and 0.4x the baseline, checked on paired runs by fresh.py")
 
 
 if __name__ == "__main__":
