@@ -12,7 +12,7 @@ VENV ?= .venv
 # Debian 12 packages the product and its tests use.
 APT_PACKAGES = python3-venv python3-gdbm python3-systemd systemd systemd-journal-remote \
 	dovecot-core dovecot-pop3d dovecot-imapd openssl postfix mailfront ucspi-tcp qpsmtpd libnet-ip-perl \
-	util-linux mandoc man-db systemd-container openbsd-inetd faketime gcc strace iproute2
+	util-linux mandoc man-db systemd-container openbsd-inetd faketime gcc strace iproute2 gdbmtool
 # What `make deb` builds the package with, and checks it with.
 APT_PACKAGES += debhelper dh-python pybuild-plugin-pyproject python3-all lintian
 
