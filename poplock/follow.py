@@ -105,6 +105,7 @@ class JournalFollower:
         self._pending = False  # the current entry is positioned on but not yet read
         self._looked_again = False  # peek() already looked again in this pass
         self._consumed: str | None = None  # peek(): the cursor of the entry taken before the pending one
+        self.handles_opened = 1  # each replacement gets a new descriptor, maybe of the same number
 
     def _open(self, *, watch: bool = True) -> journal._Reader:
         # sd_journal_open_directory/_files take no flags: 0 must be given explicitly.
@@ -190,6 +191,7 @@ class JournalFollower:
         self._live_since = time.time()
         self._reader.close()
         self._reader = self._open()
+        self.handles_opened += 1
         if self.seek(position, self._fallback) == Position.ENTRY_GONE:
             self._skip_to_after(position)
 
@@ -336,6 +338,7 @@ class JournalFollower:
             self._live_since = time.time()
         self._reader.close()
         self._reader = self._open()
+        self.handles_opened += 1
         self._pending = False
         return self.seek(cursor, fallback_realtime)
 

@@ -260,15 +260,14 @@ class ReceivedJournals:
         host's journal and of the directory, each up to 24 ms, while the decision waited."""
         positions = decode_positions(cursor)
         self._rescan()
-        local_fd = self.local.fileno()
+        opened = self.local.handles_opened
         for name, stream in self._streams.items():
             stream.look_afresh(positions.get(name), fallback_realtime)
-        if self.local.fileno() != local_fd:  # its handle was replaced: the old descriptor is closed
+        if self.local.handles_opened != opened:  # its old descriptor is closed, and gone from the poll
             try:
-                self._poll.unregister(local_fd)
-            except (OSError, ValueError):
+                self._poll.register(self.local.fileno(), select.EPOLLIN)
+            except FileExistsError:  # the same descriptor after all
                 pass
-            self._poll.register(self.local.fileno(), select.EPOLLIN)
         return Position.RESUMED
 
     def close(self) -> None:

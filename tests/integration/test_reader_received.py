@@ -7,10 +7,12 @@ received journal must all count for nothing.
 """
 
 import json
+import select
 import subprocess
 import time
 
 import pytest
+from support.journald import send_until_readable, unique_tag
 from support.journalremote import JournalReceiver
 from support.netns import network_namespace
 from support.poplock import ReaderProcess
@@ -311,7 +313,8 @@ def test_looking_afresh_keeps_every_handle_unless_a_stream_stepped_past_an_entry
     receiver.upload(POP_A, [login("192.0.2.30", now - 5)])
     receiver.wait_for_file(POP_A)
     wait_readable(1)
-    local = JournalFollower(["SYSLOG_IDENTIFIER=poplock-no-such-tag"])
+    tag = unique_tag("poplock-afresh")
+    local = JournalFollower([f"SYSLOG_IDENTIFIER={tag}"])
     journals = ReceivedJournals(str(receiver.directory), local,
                                 lambda sender: ["SYSLOG_IDENTIFIER=dovecot"] if sender == POP_A else None)
     journals.seek(None, now - 600)
@@ -331,4 +334,17 @@ def test_looking_afresh_keeps_every_handle_unless_a_stream_stepped_past_an_entry
     assert journals._streams[POP_A]._reader is not handles[POP_A]
     assert journals._streams["local"]._reader is handles["local"] and journals._notifier._reader is notifier
     assert [entry["MESSAGE"].split("rip=")[1][:10] for entry in journals.read(None)] == ["192.0.2.31", "192.0.2.32"]
+
+    # This host's journal: its handle replaced, the poll waits on the new one.
+    send_until_readable(f"{tag} stepped past", tag)
+    send_until_readable(f"{tag} after it", tag)
+    cursor = journals.cursor()
+    assert journals._streams["local"]._reader._next()
+    journals.look_afresh(cursor, now - 600)
+    assert journals._streams["local"]._reader is not handles["local"]
+    assert [entry["MESSAGE"] for entry in journals.read(None)] == [f"{tag} stepped past", f"{tag} after it"]
+    send_until_readable(f"{tag} later", tag)
+    assert select.select([journals.fileno()], [], [], 5)[0], "no wake-up from this host's journal"
+    journals.process()
+    assert [entry["MESSAGE"] for entry in journals.read(None)] == [f"{tag} later"]
     journals.close()
