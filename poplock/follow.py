@@ -200,14 +200,14 @@ class JournalFollower:
         followed do not hold places the reader by what the cursor says (the sequence number, or the
         time when the entry is of another numbering), which can be before the entry itself. Reading
         an entry twice could bring back a grant removed after it."""
-        fields = dict(part.split("=", 1) for part in cursor.split(";") if "=" in part)
+        fields = cursor_fields(cursor)
         try:
             numbering, number, realtime = fields["s"], int(fields["i"], 16), int(fields["t"], 16)
         except (KeyError, ValueError):
             return
         reader = self._reader
         while self._pending:
-            here = dict(part.split("=", 1) for part in reader._get_cursor().split(";") if "=" in part)
+            here = cursor_fields(reader._get_cursor())
             same = here.get("s") == numbering
             if (int(here["i"], 16) > number) if same else (reader._get_realtime() > realtime):
                 return  # after it: read it next
@@ -364,6 +364,37 @@ class JournalFollower:
 
     def close(self) -> None:
         self._reader.close()
+
+
+def cursor_fields(cursor: str) -> dict[str, str]:
+    """A cursor's fields: s (the sequence-number ID), i (its number), t (its realtime), in hex."""
+    return dict(part.split("=", 1) for part in cursor.split(";") if "=" in part)
+
+
+def entry_number(cursor: str | None) -> tuple[str, int] | None:
+    """(sequence-number ID, number) of the entry a cursor names; None for none or an unreadable one."""
+    if not cursor:
+        return None
+    fields = cursor_fields(cursor)
+    try:
+        return fields["s"], int(fields["i"], 16)
+    except (KeyError, ValueError):
+        return None
+
+
+def last_entry_number(path: str) -> tuple[str, int] | None:
+    """entry_number() of a journal file's last entry; None when the file cannot be read or is empty."""
+    try:
+        reader = journal._Reader(flags=0, files=[path])
+    except (OSError, ValueError):
+        return None
+    try:
+        reader.seek_tail()
+        return entry_number(reader._get_cursor()) if reader._previous() else None
+    except OSError:
+        return None
+    finally:
+        reader.close()
 
 
 def _machine_directories() -> list[str]:

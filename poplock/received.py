@@ -29,7 +29,7 @@ import os
 import select
 from collections.abc import Callable, Iterable, Iterator
 
-from poplock.follow import JournalEntry, JournalFollower, Position
+from poplock.follow import JournalEntry, JournalFollower, Position, entry_number, last_entry_number
 
 log = logging.getLogger("poplock.received")
 
@@ -93,6 +93,25 @@ def senders_in(directory: str) -> dict[str, list[str]]:
     return {sender: sorted(files) for sender, files in senders.items()}
 
 
+def files_after(files: list[str], cursor: str | None,
+                last_entry: Callable[[str], tuple[str, int] | None]) -> list[str]:
+    """Of one sender's files (sorted), those that can hold an entry after `cursor`, its stream's
+    position: all of them without one; else all but the archived files whose last entry
+    (`last_entry(path)`: its sequence-number ID and number, None when it cannot be told) comes
+    before the cursor's in the same numbering. Archived files never change; journal-remote writes
+    the online one. With matches, each read looks into every file open, and a sender's archived
+    files pile up, one a rotation, until they are vacuumed."""
+    position = entry_number(cursor)
+    if position is None:
+        return list(files)
+    kept = []
+    for path in files:
+        last = None if "@" not in os.path.basename(path) else last_entry(path)
+        if last is None or last[0] != position[0] or last[1] >= position[1]:
+            kept.append(path)
+    return kept or list(files[-1:])
+
+
 class ReceivedJournals:
     """This host's journal plus each listed sender's received files, read as one in time order.
 
@@ -107,7 +126,9 @@ class ReceivedJournals:
         self.matches_for = matches_for
         self.matches = local.matches
         self._streams: dict[str, JournalFollower] = {LOCAL: local}
-        self._files: dict[str, list[str]] = {}
+        self._files: dict[str, list[str]] = {}  # each sender's files
+        self._opened: dict[str, list[str]] = {}  # and those its stream has open (files_after)
+        self._last_entries: dict[tuple, tuple[str, int] | None] = {}  # archived files' (they never change)
         self._positions: dict[str, str] = {}  # streams' cursors, those of senders gone quiet included
         self._fallback = 0.0
         self._ignored: set[str] = set()  # unlisted senders already logged
@@ -136,14 +157,11 @@ class ReceivedJournals:
                     log.warning("%s: journal files from %s, which no [Source:NAME] Hosts= lists: not read",
                                 self.directory, sender)
                 continue
-            old = self._streams.pop(sender, None)
+            old = self._streams.get(sender)
             if old is not None:
-                self._remember(sender, old)
-                old.close()
-            stream = JournalFollower(matches, files=files, sender=sender)
-            stream.seek(self._positions.get(sender), self._fallback)
-            self._streams[sender] = stream
+                self._remember(sender, old)  # where it is now, before it is opened anew
             self._files[sender] = files
+            self._open_stream(sender, matches, self._positions.get(sender), self._fallback)
             if sender not in self._announced:
                 self._announced.add(sender)
                 log.info("reading the journal received from %s", sender)
@@ -151,7 +169,30 @@ class ReceivedJournals:
             stream = self._streams.pop(sender)
             self._remember(sender, stream)
             stream.close()
-            del self._files[sender]
+            del self._files[sender], self._opened[sender]
+        present = {path for files in found.values() for path in files}
+        self._last_entries = {key: last for key, last in self._last_entries.items() if key[0] in present}
+
+    def _open_stream(self, sender: str, matches: list[str], cursor: str | None, fallback_realtime: float) -> None:
+        """A sender's stream, anew, on the files that can hold entries after `cursor`, and after it."""
+        old = self._streams.pop(sender, None)
+        if old is not None:
+            old.close()
+        files = files_after(self._files[sender], cursor, self._last_entry)
+        stream = JournalFollower(matches, files=files, sender=sender)
+        stream.seek(cursor, fallback_realtime)
+        self._streams[sender] = stream
+        self._opened[sender] = files
+
+    def _last_entry(self, path: str) -> tuple[str, int] | None:
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        key = (path, status.st_ino, status.st_size, status.st_mtime_ns)
+        if key not in self._last_entries:
+            self._last_entries[key] = last_entry_number(path)
+        return self._last_entries[key]
 
     def _remember(self, name: str, stream: JournalFollower) -> None:
         cursor = stream.taken_cursor()
@@ -162,6 +203,10 @@ class ReceivedJournals:
         """Each stream just after its own cursor; a stream without one at `fallback_realtime`."""
         self._positions = decode_positions(cursor)
         self._fallback = fallback_realtime
+        for sender in self._files:  # a position further back (a rebuild) needs the files before it
+            position = self._positions.get(sender)
+            if files_after(self._files[sender], position, self._last_entry) != self._opened[sender]:
+                self._open_stream(sender, self._streams[sender].matches, position, fallback_realtime)
         results = [stream.seek(self._positions.get(name), fallback_realtime)
                    for name, stream in self._streams.items()]
         for position in (Position.CURSOR_INVALID, Position.ENTRY_GONE, Position.RESUMED):
@@ -203,8 +248,16 @@ class ReceivedJournals:
         return self.local.companion(matches)
 
     def earliest_time(self) -> float | None:
-        """The latest of the streams' oldest entries: before then, some stream cannot be read again."""
-        times = [time for time in (stream.earliest_time() for stream in self._streams.values()) if time is not None]
+        """The latest of the streams' oldest entries, in all of each sender's files (a stream may have
+        only those after its position open): before then, some stream cannot be read again."""
+        times = [self.local.earliest_time()]
+        for sender, files in self._files.items():
+            every = JournalFollower(self._streams[sender].matches, files=files, sender=sender)
+            try:
+                times.append(every.earliest_time())
+            finally:
+                every.close()
+        times = [time for time in times if time is not None]
         return max(times) if times else None
 
     def fileno(self) -> int:
@@ -247,6 +300,7 @@ class ReceivedJournals:
         self._reopen_notifier()
         self._streams = {LOCAL: self.local}
         self._files = {}
+        self._opened = {}
         self._positions = decode_positions(cursor)
         self._fallback = fallback_realtime
         self._rescan()

@@ -348,3 +348,48 @@ def test_looking_afresh_keeps_every_handle_unless_a_stream_stepped_past_an_entry
     journals.process()
     assert [entry["MESSAGE"] for entry in journals.read(None)] == [f"{tag} later"]
     journals.close()
+
+
+def test_a_restarted_reader_opens_a_senders_files_from_its_position_on_and_a_rebuild_all_of_them(setup,
+                                                                                                 small_receiver):
+    """With matches, each read looks into every file open, and a sender's archived files pile up, one a
+    rotation: a stream opens only the files that can hold entries after its position, and all of them
+    again when the reader goes back (the store lost, rebuilt from the window)."""
+    from poplock.follow import JournalFollower
+    from poplock.received import ReceivedJournals
+
+    receiver = small_receiver
+    setup.write(extra=f"Sources=dovecot\nDirectory={receiver.directory}\n\n[Source:dovecot]\nHosts={POP_A}\n")
+    now = time.time()
+    padding = "x" * 400  # journal-remote rotates by size
+    logins = [login(f"10.{n // 250}.{n % 250}.1", now - 600 + n * 0.1, user=f"u{n}") for n in range(3000)]
+    with ReaderProcess(setup) as reader:
+        for start in range(0, len(logins), 500):
+            receiver.upload(POP_A, [dict(entry, PADDING=f"{padding}{n}")
+                                    for n, entry in enumerate(logins[start:start + 500])])
+        setup.wait_until_allowed("10.11.249.1", timeout=30)
+        assert reader.stop() == 0
+    every = sorted(str(path) for path in receiver.directory.glob(f"remote-{POP_A}*.journal"))
+    assert len(every) >= 3, every
+
+    journals = ReceivedJournals(str(receiver.directory), JournalFollower(["SYSLOG_IDENTIFIER=poplock-none"]),
+                                lambda sender: ["SYSLOG_IDENTIFIER=dovecot"] if sender == POP_A else None)
+    journals.seek(setup.cursor.read_text().strip(), now - 3600)  # where the reader stopped
+    opened = journals._opened[POP_A]
+    assert str(receiver.file_of(POP_A)) in opened and len(opened) < len(every), (opened, every)
+    assert list(journals.read(None)) == []
+    journals.seek(None, now - 3600)  # as a rebuild does
+    assert journals._opened[POP_A] == every
+    assert sum(1 for _ in journals.read(None)) == 3000
+    journals.close()
+
+    with ReaderProcess(setup) as reader:
+        receiver.upload(POP_A, [login("192.0.2.40", time.time() - 1, user="late")])
+        setup.wait_until_allowed("192.0.2.40")
+        setup.store.unlink()  # lost while it runs: rebuilt from the window, every file read again
+        receiver.upload(POP_A, [login("192.0.2.41", time.time() - 1, user="later")])
+        setup.wait_until_allowed("192.0.2.41")
+        assert reader.stop() == 0
+    restarted, rebuilt = reader.output().split("is gone; rebuilding it from the journal")
+    assert "granted 10.0.0.1 " not in restarted and "granted 10.0.0.1 " in rebuilt  # read again only then
+    assert len(grants(setup)) == 3002
