@@ -173,16 +173,17 @@ class ReceivedJournals:
         present = {path for files in found.values() for path in files}
         self._last_entries = {key: last for key, last in self._last_entries.items() if key[0] in present}
 
-    def _open_stream(self, sender: str, matches: list[str], cursor: str | None, fallback_realtime: float) -> None:
-        """A sender's stream, anew, on the files that can hold entries after `cursor`, and after it."""
+    def _open_stream(self, sender: str, matches: list[str], cursor: str | None, fallback_realtime: float) -> str:
+        """A sender's stream, anew, on the files that can hold entries after `cursor`, and after it
+        (its Position)."""
         old = self._streams.pop(sender, None)
         if old is not None:
             old.close()
         files = files_after(self._files[sender], cursor, self._last_entry)
         stream = JournalFollower(matches, files=files, sender=sender)
-        stream.seek(cursor, fallback_realtime)
         self._streams[sender] = stream
         self._opened[sender] = files
+        return stream.seek(cursor, fallback_realtime)
 
     def _last_entry(self, path: str) -> tuple[str, int] | None:
         try:
@@ -203,12 +204,14 @@ class ReceivedJournals:
         """Each stream just after its own cursor; a stream without one at `fallback_realtime`."""
         self._positions = decode_positions(cursor)
         self._fallback = fallback_realtime
-        for sender in self._files:  # a position further back (a rebuild) needs the files before it
-            position = self._positions.get(sender)
-            if files_after(self._files[sender], position, self._last_entry) != self._opened[sender]:
-                self._open_stream(sender, self._streams[sender].matches, position, fallback_realtime)
-        results = [stream.seek(self._positions.get(name), fallback_realtime)
-                   for name, stream in self._streams.items()]
+        results = []
+        for name, stream in list(self._streams.items()):
+            position = self._positions.get(name)
+            # A position further back (a rebuild) needs the files before the one the stream has open.
+            if name in self._files and files_after(self._files[name], position, self._last_entry) != self._opened[name]:
+                results.append(self._open_stream(name, stream.matches, position, fallback_realtime))
+            else:
+                results.append(stream.seek(position, fallback_realtime))
         for position in (Position.CURSOR_INVALID, Position.ENTRY_GONE, Position.RESUMED):
             if position in results:
                 return position
@@ -251,8 +254,8 @@ class ReceivedJournals:
         """The latest of the streams' oldest entries, in all of each sender's files (a stream may have
         only those after its position open): before then, some stream cannot be read again."""
         times = [self.local.earliest_time()]
-        for sender, files in self._files.items():
-            every = JournalFollower(self._streams[sender].matches, files=files, sender=sender)
+        for files in self._files.values():
+            every = JournalFollower(None, files=files)
             try:
                 times.append(every.earliest_time())
             finally:
