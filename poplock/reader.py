@@ -52,6 +52,8 @@ BASE_LOOKUPS_PER_OPEN = 64  # a running reader unmaps the base this often: its m
 
 
 def _notify(message: str) -> None:
+    if not os.environ.get("NOTIFY_SOCKET"):  # not under systemd (--once, a test): as sd_notify(3) does
+        return
     from systemd import daemon
 
     daemon.notify(message)
