@@ -27,7 +27,7 @@ baseline (min-max), and for each goal on how many runs it was met.
      that journal is woken by). Measured over windows of IDLE_WINDOW (10) seconds.
      It runs while 3-5 do (they write nothing to any journal); 1 comes after it.
   3. relaylock: bench/relaylock.py's method (whole processes, REMOTE_ADDR as under
-     Accept=yes, interleaved rounds) for a granted client (goal <= 1.3x `python3 -IS -c
+     Accept=yes, the commands taking turns run by run) for a granted client (goal <= 1.3x `python3 -IS -c
      pass`) and for a client without a grant, which asks the reader (goal <= 1.6x).
   4. flood: MISS_RATE (1000) misses a second from 50 connections in lock step for
      FLOOD_SECONDS (3): the reader's share of a core (goal <= 20%; schedstat), the policy's
@@ -286,15 +286,12 @@ def idle_rows(table: Table, idle: Idle, notes: list[str]) -> None:
 # --- 3. relaylock --------------------------------------------------------------------------------
 
 
-def spawn_times(argv: list[str], environment: dict[str, str], runs: int) -> list[float]:
-    """bench/relaylock.py's measurement: whole processes, one after another."""
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        subprocess.run(argv, env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=True)
-        times.append(time.perf_counter() - started)
-    return times
+def spawn_time(argv: list[str], environment: dict[str, str]) -> float:
+    """bench/relaylock.py's measurement: one whole process."""
+    started = time.perf_counter()
+    subprocess.run(argv, env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - started
 
 
 def relaylock_figures(setup: Setup, reader: ReaderProcess, scratch: Path) -> dict:
@@ -306,16 +303,20 @@ def relaylock_figures(setup: Setup, reader: ReaderProcess, scratch: Path) -> dic
                                capture_output=True, text=True)
         if ("RELAYCLIENT=" in check.stdout) != expected:
             raise RuntimeError(f"relaylock for {environment['REMOTE_ADDR']}: {check.stdout}{check.stderr}")
+    commands = {"baseline": (["/usr/bin/python3", "-IS", "-c", "pass"], granted),
+                "granted": (relaylock + ["/bin/true"], granted),
+                "ungranted": (relaylock + ["/bin/true"], ungranted)}
+    # Only the runs without a grant ask the reader: its accepted connections over the rounds are theirs.
     counter = SyscallCounter(reader.process.pid, {"questions": ("syscalls:sys_exit_accept4", "ret >= 0")}, scratch)
     rounds: list[dict[str, float]] = []
-    for _ in range(RELAYLOCK_ROUNDS):  # interleaved rounds, so drift in the machine's load hits all alike
-        figures = {"baseline": median(spawn_times(["/usr/bin/python3", "-IS", "-c", "pass"], granted,
-                                                  RELAYLOCK_RUNS)),
-                   "granted": median(spawn_times(relaylock + ["/bin/true"], granted, RELAYLOCK_RUNS))}
-        counter.enable()
-        figures["ungranted"] = median(spawn_times(relaylock + ["/bin/true"], ungranted, RELAYLOCK_RUNS))
-        counter.disable()
-        rounds.append(figures)
+    counter.enable()
+    for _ in range(RELAYLOCK_ROUNDS):  # the commands take turns run by run, so drift in the load hits all alike
+        samples: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(RELAYLOCK_RUNS):
+            for name, (argv, environment) in commands.items():
+                samples[name].append(spawn_time(argv, environment))
+        rounds.append({name: median(values) for name, values in samples.items()})
+    counter.disable()
     return {"rounds": rounds, "questions": counter.counts()["questions"],
             "ungranted runs": RELAYLOCK_RUNS * RELAYLOCK_ROUNDS}
 
@@ -700,9 +701,10 @@ def main() -> None:
     table.add("relaylock, no grant (asks the reader)", [figures["ungranted"] for figures in rounds], milliseconds,
               baseline=baseline_times, baseline_name="python3 -IS -c pass", goal="<= 1.6x",
               test=lambda value, base: value <= 1.6 * base)
-    notes.append(f"relaylock: {RELAYLOCK_ROUNDS} interleaved rounds of {RELAYLOCK_RUNS} runs of each, median per "
-                 f"round; the reader accepted {relaylock['questions'] if relaylock['questions'] is not None else 'n/a'}"
-                 f" questions during the {relaylock['ungranted runs']} runs without a grant.")
+    questions = relaylock["questions"] if relaylock["questions"] is not None else "n/a"
+    notes.append(f"relaylock: {RELAYLOCK_ROUNDS} rounds of {RELAYLOCK_RUNS} runs of each, the commands taking "
+                 f"turns run by run, median per round; the reader accepted {questions} questions during the "
+                 f"{relaylock['ungranted runs']} runs without a grant.")
 
     # 4. flood
     misses, granted = floods["misses"], floods["granted"]
