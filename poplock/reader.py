@@ -335,6 +335,7 @@ class Reader:
             if cursor is not None:
                 transaction.metadata[self._cursor_key] = cursor
             metadata = transaction.metadata
+            denials = self.denials()  # looked at once a batch: a catch-up commits thousands of logins in one
             for item in items:
                 if isinstance(item, Change):
                     if self._replay(grants, item, now):
@@ -363,7 +364,7 @@ class Reader:
                     if login.time >= self._quiet_before:  # else read back only for its session: no news
                         changes.append(("too-old", None, login, unit, sender))
                     continue
-                kind, detail = self._grant(transaction, login, now)
+                kind, detail = self._grant(transaction, login, now, denials)
                 if opens and isinstance(detail, Grant):
                     detail = open_session(grants, metadata, detail.address, login.session, min(login.time, now),
                                           bounds) or detail
@@ -449,12 +450,12 @@ class Reader:
                       "released %s: %s; it relays until %s", grant.address, because, iso_time(grant.expires_at),
                       address=grant.address, source=grant.source, expires=grant.expires_at, user=grant.user)
 
-    def _grant(self, transaction, login: Login, now: float) -> tuple[str, object]:
+    def _grant(self, transaction, login: Login, now: float, denials: DenyList) -> tuple[str, object]:
         """What one login does to the store: ("granted" | "extended" | "unchanged", the grant),
         ("denied", why) or ("over-limit", the user's other live addresses)."""
         config = self.config
         key = grant_key(login.address, config.ipv6_prefix)
-        denied = self.denials().denies(login.address, login.user)
+        denied = denials.denies(login.address, login.user)
         if denied is not None:
             return "denied", denied
         grants = transaction.grants
