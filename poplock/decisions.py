@@ -11,8 +11,8 @@ import os
 from collections import deque
 
 from poplock import events
-from poplock.access import check_relay
-from poplock.addresses import NO_DENIALS, DenyList, Network, load_allow_list, load_deny_list
+from poplock.access import Decision, check_relay
+from poplock.addresses import NO_DENIALS, DenyList, Network, grant_key, load_allow_list, load_deny_list
 from poplock.config import Config
 from poplock.connection import peer_is_us
 from poplock.errors import ConfigError, StoreBusyError
@@ -43,6 +43,9 @@ class Snapshots:
         self._denials: DenyList = NO_DENIALS
         self._denials_identity = None
         self.fresh: dict = {}  # key -> Grant: made by the reader's last read, its commit not yet published
+        # Counts the changes to what decisions are made from (a file read again, grants told by the
+        # reader): a refusal made at one count stands at the same count (decide(earlier=)).
+        self.version = 0
 
     def _identity(self, path: str):
         if path in self._looked:
@@ -64,6 +67,8 @@ class Snapshots:
     def read_again(self, fresh: dict | None = None) -> None:
         """After the reader's read: look at the files again, and count the grants it made that
         are not published yet (`fresh`, key -> Grant) until the next read_again()."""
+        if fresh or self.fresh:
+            self.version += 1
         self.fresh = fresh or {}
         self.forget()
 
@@ -72,6 +77,7 @@ class Snapshots:
         if identity != self._denials_identity:
             self._denials = load_deny_list(self.config.deny_file) if identity else NO_DENIALS
             self._denials_identity = identity
+            self.version += 1
         return self._denials
 
     def networks(self) -> list[Network]:
@@ -79,26 +85,50 @@ class Snapshots:
         if identity != self._networks_identity:
             self._networks = load_allow_list(self.config.static_allow_file) if identity else []
             self._networks_identity = identity
+            self.version += 1
         return self._networks
 
     def grant(self, address: str):
         fresh = self.fresh.get(address)
         if fresh is not None:
             return fresh
+        self._look_at_store()
+        if self._snapshot is None:
+            return None
+        return find_grant(self._snapshot, address, self.config.store_path)
+
+    def _look_at_store(self) -> None:
         identity = self._identity(self.config.store_path)
         if identity != self._snapshot_identity:
             self.close()
             if identity is not None:
                 self._snapshot = open_snapshot(self.config.store_path, self.config.busy_timeout)
             self._snapshot_identity = identity
-        if self._snapshot is None:
-            return None
-        return find_grant(self._snapshot, address, self.config.store_path)
+            self.version += 1
 
-    def decide(self, address: str, now: float):
-        """access.check_relay() on these files (raises PoplockError or OSError when it cannot)."""
+    def decide(self, address: str, now: float, earlier: tuple[int, Decision] | None = None) -> Decision:
+        """access.check_relay() on these files (raises PoplockError or OSError when it cannot).
+
+        `earlier`: before_read() of a refusal made before the reader was asked to read; it is the
+        answer again, not made anew, when nothing it was made from has changed since (inbound mail
+        is mostly refusals, each decided before and after a read)."""
+        if earlier is not None and self._stands(*earlier, now):
+            return earlier[1]
         return check_relay(address, now, self.networks(), self.grant, denials=self.denials(),
                            ipv6_prefix=self.config.ipv6_prefix)
+
+    def before_read(self, decision: Decision) -> tuple[int, Decision]:
+        """What decide(earlier=) takes for a refusal the reader is asked about."""
+        return self.version, decision
+
+    def _stands(self, version: int, decision: Decision, now: float) -> bool:
+        grant = decision.grant
+        if grant is not None and grant.expires_at > now:  # not yet begun (the clock stepped back): look again
+            return False
+        self.networks()  # each read again if its file changed, which counts a change
+        self.denials()
+        self._look_at_store()
+        return self.version == version and grant_key(decision.address, self.config.ipv6_prefix) not in self.fresh
 
     def failed(self, log: logging.Logger, warnings: Warnings, address: str, error: Exception, answer: str) -> None:
         """A decision that could not be made, answered `answer`: logged (to the service's `log`) at

@@ -215,6 +215,8 @@ def log_event(logger: logging.Logger, level: int, event: Event, message: str, *a
               expires: float | None = None, store: str | None = None, user: str | None = None,
               host: str | None = None, login: float | None = None) -> None:
     """Log one event with its MESSAGE_ID and POPLOCK_* fields (fields reach the journal only)."""
+    if _event_outputs and not logger.isEnabledFor(level):  # a refusal at debug level: once a miss
+        return
     fields = {"MESSAGE_ID": event.message_id, "POPLOCK_EVENT": event.name}
     if address is not None:
         fields["POPLOCK_CLIENT_ADDRESS"] = address
@@ -234,8 +236,6 @@ def log_event(logger: logging.Logger, level: int, event: Event, message: str, *a
         fields["POPLOCK_USER"] = user
     if not _event_outputs:  # logging not set up by a program (a library caller): plain logging
         logger.log(level, message, *args, extra=fields)
-        return
-    if not logger.isEnabledFor(level):
         return
     text = message % args if args else message
     for threshold, write in _event_outputs:

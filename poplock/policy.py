@@ -64,17 +64,18 @@ class PolicyHandler:
         if request.problem is not None:
             return self._replies[DUNNO]
         action = self.action_for(request.attributes, fresh=self.sync is None)
-        if action is None:  # a refusal the journal may already contradict: the reader reads first
-            return self.sync.then(lambda: self._reply(self.action_for(request.attributes, fresh=True)))
+        if not isinstance(action, str):  # a refusal the journal may already contradict: the reader reads first
+            return self.sync.then(lambda: self._reply(self.action_for(request.attributes, earlier=action)))
         return self._reply(action)
 
     def _reply(self, action: str) -> bytes:
         reply = self._replies.get(action)
         return reply if reply is not None else format_reply(action)
 
-    def action_for(self, attributes: dict[str, str], fresh: bool = True) -> str | None:
+    def action_for(self, attributes: dict[str, str], fresh: bool = True, earlier=None):
         """The action for one well-formed request; DUNNO on any trouble of ours. Not `fresh`:
-        None instead of a refusal that a login not read yet could turn (ask the reader first)."""
+        instead of a refusal that a login not read yet could turn, what to give back as `earlier`
+        once the reader has read (Snapshots.decide)."""
         try:
             address = normalize_address(attributes["client_address"])
         except AddressError:
@@ -83,12 +84,12 @@ class PolicyHandler:
             return DUNNO
         now = self.clock()
         try:
-            decision = self.snapshots.decide(address, now)
+            decision = self.snapshots.decide(address, now, earlier)
         except (PoplockError, OSError) as error:
             self.snapshots.failed(log, self.warnings, address, error, DUNNO)
             return DUNNO
         if not fresh and needs_fresh_look(decision):
-            return None
+            return self.snapshots.before_read(decision)
         self.decisions += 1
         if attributes.get("policy_context") == HEADER_CONTEXT:  # never the relay action: that was asked before
             user = grant_user(decision)
@@ -100,8 +101,9 @@ class PolicyHandler:
                       attributes.get("recipient", "?"), address=address, user=user,
                       expires=decision.grant.expires_at if decision.grant and not decision.network else None)
             return self.config.policy_action
-        log_event(log, logging.INFO if self.config.policy_log_refused else logging.DEBUG, events.RELAY_REFUSED,
-                  "%s", describe(decision, now), address=address)
+        level = logging.INFO if self.config.policy_log_refused else logging.DEBUG
+        if log.isEnabledFor(level):  # inbound mail is mostly refusals: no line made for nobody
+            log_event(log, level, events.RELAY_REFUSED, "%s", describe(decision, now), address=address)
         return DUNNO
 
     def _header(self, decision) -> str:

@@ -72,22 +72,23 @@ class SocketmapHandler:
                 log.debug("%s %r is not an address: NOTFOUND", request.name, request.key[:60])
             return NOT_FOUND_REPLY
         reply = self.reply_for(request, fresh=self.sync is None)
-        if reply is None:  # a refusal the journal may already contradict: the reader reads first
-            return self.sync.then(lambda: self.reply_for(request, fresh=True))
+        if not isinstance(reply, bytes):  # a refusal the journal may already contradict: the reader reads first
+            return self.sync.then(lambda: self.reply_for(request, earlier=reply))
         return reply
 
-    def reply_for(self, request: Request, fresh: bool = True) -> bytes | None:
-        """OK VALUE, NOTFOUND or TEMP for a request with an address. Not `fresh`: None instead
-        of a NOTFOUND that a login not read yet could turn (ask the reader first)."""
+    def reply_for(self, request: Request, fresh: bool = True, earlier=None):
+        """OK VALUE, NOTFOUND or TEMP for a request with an address. Not `fresh`: instead of a
+        NOTFOUND that a login not read yet could turn, what to give back as `earlier` once the
+        reader has read (Snapshots.decide)."""
         address = request.address
         now = self.clock()
         try:
-            decision = self.snapshots.decide(address, now)
+            decision = self.snapshots.decide(address, now, earlier)
         except (PoplockError, OSError) as error:
             self.snapshots.failed(log, self.warnings, address, error, TEMP)
             return TEMP_REPLY
         if not fresh and needs_fresh_look(decision):
-            return None
+            return self.snapshots.before_read(decision)
         self.decisions += 1
         asked = request.key.decode("ascii")  # an address: ASCII
         if decision.allowed:
@@ -96,8 +97,9 @@ class SocketmapHandler:
                       request.name, asked, address=address, user=grant_user(decision),
                       expires=decision.grant.expires_at if decision.grant and not decision.network else None)
             return self._found[request.name]
-        log_event(log, self._refusals_level, events.RELAY_REFUSED, "%s (map %s, asked as %s)",
-                  describe(decision, now), request.name, asked, address=address)
+        if log.isEnabledFor(self._refusals_level):  # inbound mail is mostly refusals: no line made for nobody
+            log_event(log, self._refusals_level, events.RELAY_REFUSED, "%s (map %s, asked as %s)",
+                      describe(decision, now), request.name, asked, address=address)
         return NOT_FOUND_REPLY
 
 
