@@ -28,8 +28,9 @@ def bench_setup(directory: Path, extra: str = "") -> Setup:
     """A Setup whose poplock-reader answers decisions on a socket of its own ([Store] ReaderSocket=
     in DIRECTORY): never /run/poplock/reader.sock, where another reader on the machine may answer."""
     setup = Setup(directory, extra=extra)
-    setup.config.write_text(setup.config.read_text().replace(
-        "[Store]\n", f"[Store]\nReaderSocket={directory / 'reader.sock'}\n", 1))
+    text = setup.config.read_text()
+    if f"ReaderSocket={directory / 'reader.sock'}\n" not in text:
+        setup.config.write_text(text.replace("[Store]\n", f"[Store]\nReaderSocket={directory / 'reader.sock'}\n", 1))
     return setup
 
 

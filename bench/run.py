@@ -14,7 +14,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # scale.py last: its table is the one to read at the end.
-BENCHMARKS = ["catchup.py", "latency.py", "relaylock.py", "policy.py", "socketmap.py", "fresh.py", "scale.py"]
+BENCHMARKS = ["catchup.py", "latency.py", "relaylock.py", "policy.py", "socketmap.py", "fresh.py", "received.py",
+              "scale.py"]
 
 
 class Tee(io.TextIOBase):
