@@ -472,10 +472,12 @@ def mixed(misses: int, granted: int, miss_percent: int) -> list[str]:
 
 
 class JournalWatch:
-    """The moment an entry can be read: the system journal without matches, re-read in a tight loop."""
+    """The moment an entry can be read: the system journal (or the journal files in `directory`)
+    without matches, re-read in a tight loop."""
 
-    def __init__(self):
-        self.reader = journal._Reader(flags=journal.LOCAL_ONLY | journal.SYSTEM)
+    def __init__(self, directory: Path | None = None):
+        self.reader = journal._Reader(flags=journal.LOCAL_ONLY | journal.SYSTEM) if directory is None else \
+            journal._Reader(flags=0, path=str(directory))
         self.reader.seek_tail()
         self.reader._previous()
 
@@ -494,7 +496,7 @@ class JournalWatch:
             if time.perf_counter() > deadline:
                 return None
             time.sleep(0.0002)
-            reader.process()  # notices a rotated journal file, as any follower must
+            reader.process()  # notices a rotated or new journal file, as any follower must
 
     def close(self) -> None:
         self.reader.close()
@@ -524,12 +526,25 @@ def fresh_block(watch: JournalWatch, connection: PolicyConnection, tag: str, fir
                 *, fresh: bool, network: str = FRESH) -> dict:
     """`trials` trials; fresh: a login of a client of its own (in `network`), else an entry the reader
     does not watch and a client whose grant is stored."""
-    delays, refused, unreadable = [], [], 0
     identifier = tag if fresh else tag + "-unwatched"
+    planned = []
     for index in range(first, first + trials):
         address = grant_address(network, index) if fresh else grant_address(STORED, index % STORED_GRANTS)
-        marker = f"rip={address}," if fresh else f"baseline entry {index} "
+        planned.append((address, identifier, f"rip={address}," if fresh else f"baseline entry {index} "))
+
+    def send(address: str, identifier: str, marker: str) -> None:
         journal.send(login_line(address) if fresh else f"benchmark {marker}", SYSLOG_IDENTIFIER=identifier)
+
+    return trial_block(watch, connection, planned, send)
+
+
+def trial_block(watch: JournalWatch, connection: PolicyConnection, planned: list[tuple[str, str, str]],
+                send) -> dict:
+    """Trials of (address, identifier, marker): send(...) makes the entry, and the policy is asked
+    for the address the moment an entry of `identifier` whose MESSAGE holds `marker` is readable."""
+    delays, refused, unreadable = [], [], 0
+    for address, identifier, marker in planned:
+        send(address, identifier, marker)
         readable = watch.wait_for(identifier, marker)
         if readable is None:
             unreadable += 1
