@@ -31,11 +31,8 @@ def plain_line(identifier: str, level: int, text: str) -> str:
 _event_outputs: list[tuple[int, object]] = []
 
 
-# Lines for stderr collected by held_lines() or deferred (defer_lines()), or None when each
-# line is written at once.
+# Lines for stderr collected by held_lines(), or None when each line is written at once.
 _held_lines: list[str] | None = None
-# defer_lines()'s scheduler: called with the function that writes the lines kept since.
-_defer = None
 
 
 def _write_stderr(text: str) -> None:
@@ -48,34 +45,12 @@ def _write_stderr(text: str) -> None:
 
 def _stderr_output(identifier: str):
     def write(level: int, text: str, fields: dict) -> None:
-        global _held_lines
         line = plain_line(identifier, level, text) + "\n"
         if _held_lines is not None:
             _held_lines.append(line)
-        elif _defer is not None:
-            _held_lines = [line]
-            _defer(_write_held)
         else:
             _write_stderr(line)
     return write
-
-
-def _write_held() -> None:
-    global _held_lines
-    lines, _held_lines = _held_lines, None
-    if lines:
-        _write_stderr("".join(lines))
-
-
-def defer_lines(schedule) -> None:
-    """Lines for stderr are kept and written together by the call `schedule(write)` makes
-    later: the decision services pass their loop's call_soon, so a turn of the loop that
-    answers twenty requests writes its twenty lines at once, after the answers. None
-    writes what is kept and each line at once again. (The journal gets its entries one by one.)"""
-    global _defer
-    _defer = schedule
-    if schedule is None:
-        _write_held()
 
 
 @contextlib.contextmanager
@@ -83,7 +58,7 @@ def held_lines():
     """Lines for stderr inside the block are written together at its end, in one write:
     a catch-up reports thousands of grants. (The journal gets its entries one by one.)"""
     global _held_lines
-    if _held_lines is not None:  # already inside one, or deferred
+    if _held_lines is not None:  # already inside one
         yield
         return
     _held_lines = []

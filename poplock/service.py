@@ -54,7 +54,7 @@ import stat
 import struct
 
 from poplock.errors import ConfigError, ProtocolError
-from poplock.logs import defer_lines, unix_socket_answers
+from poplock.logs import unix_socket_answers
 
 log = logging.getLogger("poplock.service")
 
@@ -475,18 +475,10 @@ def raise_open_file_limit(limits: Limits) -> None:
 
 async def serve(service: Service, sockets: list[socket.socket], description: str) -> None:
     """Answer on `sockets` until SIGTERM or SIGINT, telling systemd READY=1 and STOPPING=1."""
-    loop = asyncio.get_running_loop()
-    service.loop = loop
-    defer_lines(loop.call_soon)  # a line a decision: written once a turn of the loop, not each alone
-    try:
-        await _serve(service, sockets, description, loop)
-    finally:
-        defer_lines(None)
-
-
-async def _serve(service: Service, sockets: list[socket.socket], description: str, loop) -> None:
     from systemd import daemon
 
+    loop = asyncio.get_running_loop()
+    service.loop = loop
     servers = []
     for listener in sockets:
         listener.setblocking(False)

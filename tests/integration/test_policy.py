@@ -309,31 +309,3 @@ def test_the_commands_poplock_policy_8_asks_the_service_with_work_as_shown(setup
                                     capture_output=True, text=True, timeout=30)
             assert result.returncode == 0, result.stderr
             assert result.stdout == re.sub(r" at \S+\)$", f" at {iso_time(now - 60)})", expected) + "\n"
-
-
-def test_a_turn_of_the_loop_writes_its_log_lines_together_after_its_answers(service, tmp_path):
-    """Forty pipelined requests of a granted client: forty "relay allowed" lines, written a few
-    writes at a time (a turn of the loop's at once), each after the answers they tell of."""
-    trace = tmp_path / "trace"
-    strace = subprocess.Popen(["strace", "-qq", "-e", "trace=write,sendto", "-e", "signal=none", "-s", "80",
-                               "-o", str(trace), "-p", str(service.process.pid)], stderr=subprocess.PIPE, text=True)
-    try:
-        client = connect(service)
-        deadline = time.monotonic() + 10
-        while "sendto(" not in (trace.read_text() if trace.exists() else ""):  # attached: it sees answers
-            assert time.monotonic() < deadline, "strace never saw an answer"
-            assert client.ask("192.0.2.99") == "action=DUNNO"
-        client.send(POSTFIX_REQUEST.format(client="192.0.2.7") * 40)
-        assert [client.reply() for _ in range(40)] == ["action=OK"] * 40
-        while service.output().count("relay allowed for 192.0.2.7") < 40:
-            assert time.monotonic() < deadline, service.output()
-            time.sleep(0.05)
-        time.sleep(0.2)  # strace writes its lines after the calls return
-    finally:
-        strace.terminate()
-        strace.wait()
-    calls = [line for line in trace.read_text().splitlines() if line.startswith(("write(2,", "sendto("))]
-    logged = [call for call in calls if call.startswith("write(2,") and "relay allowed for 192.0.2.7" in call]
-    assert 1 <= len(logged) <= 8, calls
-    first_answer = next(index for index, call in enumerate(calls) if "action=OK" in call)
-    assert calls.index(logged[0]) > first_answer, calls
