@@ -162,6 +162,43 @@ def _identity(path: str):
     return (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
 
 
+class Pending:
+    """An answer still to come, as ReaderSync.then() gives it: the callbacks waiting for it (the
+    connection's write of its queued replies) run as soon as it is set, in that turn of the loop.
+    An asyncio future would schedule each for the next turn: a flood of refusals made a handle
+    and a turn's work for each."""
+
+    __slots__ = ("_result", "_callbacks")
+    _NONE = object()
+
+    def __init__(self):
+        self._result = self._NONE
+        self._callbacks: list = []
+
+    def done(self) -> bool:
+        return self._result is not self._NONE
+
+    def result(self):
+        if self._result is self._NONE:
+            raise asyncio.InvalidStateError("the answer is still to come")
+        return self._result
+
+    def add_done_callback(self, callback) -> None:
+        if self.done():
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    def set_result(self, value) -> None:
+        self._result = value
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:  # one connection's trouble must not keep the others' answers back
+                logging.getLogger("poplock.service").exception("writing an answer that came late failed")
+
+
 class ReaderSync:
     """Asks poplock-reader to read the journal up to now before a refusal (access.check_relay_in_files
     does the same for relaylock and `poplock check`), without blocking the loop.
@@ -196,7 +233,7 @@ class ReaderSync:
 
     def then(self, callback):
         """A future of callback()'s result, called once the reader has read (or the wait is over)."""
-        future = asyncio.get_running_loop().create_future()
+        future = Pending()
         self._next.append((callback, future))
         if self._in_flight < self.MAX_IN_FLIGHT:
             self._ask()
