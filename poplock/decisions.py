@@ -232,7 +232,7 @@ class ReaderSync:
         self._connecting: asyncio.Future | None = None  # the connection being made, for every question
 
     def then(self, callback):
-        """A future of callback()'s result, called once the reader has read (or the wait is over)."""
+        """A Pending of callback()'s result, called once the reader has read (or the wait is over)."""
         future = Pending()
         self._next.append((callback, future))
         if self._in_flight < self.MAX_IN_FLIGHT:

@@ -12,7 +12,8 @@ a service, its `handler`:
       .in_request            True while part of a request has arrived and its end has not
     request.problem          None, or why the codec could not read that request
     handler.answer(request)  the reply, as bytes, to every request, unreadable ones too; or an
-                             asyncio future of it, when the answer must wait (the journal being
+                             answer to come (a future: done(), result(), add_done_callback(), as
+                             decisions.Pending) when the answer must wait (the journal being
                              read): the connection's later replies then wait behind it, in order
 
 The bounds, which a peer cannot talk its way around:
@@ -165,7 +166,7 @@ class Connection(asyncio.Protocol):
         self.timer = None
         self.open = False  # counted in the service's limits
         self.queued: collections.deque = collections.deque()  # replies behind one still to come
-        self.watching = None  # the future at the head of `queued` a callback waits for
+        self.watching = None  # the answer to come at the head of `queued` a callback waits for
         self.closing = False  # close once `queued` is written: the peer half-closed, or sent too much garbage
 
     # asyncio.Protocol
@@ -226,7 +227,7 @@ class Connection(asyncio.Protocol):
 
     def write_queued(self, _done=None) -> None:
         """Write the queued replies in order, up to the first whose answer is still to come
-        (an asyncio future: the handler waits for something, such as the journal being read)."""
+        (the handler waits for something, such as the journal being read)."""
         while self.queued:
             reply = self.queued[0]
             if not isinstance(reply, bytes):
