@@ -173,17 +173,17 @@ class Grants(MutableMapping):
         self._base_grants[address] = grant
         return grant
 
-    def __getitem__(self, address: str) -> Grant:
+    def get(self, address: str, default=None):
+        # Not Mapping.get(), which goes through __getitem__ and a KeyError for each address without
+        # a grant: a login looks up each address its user's other logins opened.
         grant = self.changes[address] if address in self.changes else self._published(address)
+        return default if grant is None else grant
+
+    def __getitem__(self, address: str) -> Grant:
+        grant = self.get(address)
         if grant is None:
             raise KeyError(address)
         return grant
-
-    def get(self, address: str, default=None):
-        # Mapping.get() goes through __getitem__ and a KeyError for each address without a grant:
-        # a login looks up each address its user's other logins opened.
-        grant = self.changes[address] if address in self.changes else self._published(address)
-        return default if grant is None else grant
 
     def __setitem__(self, address: str, grant: Grant) -> None:
         self.changes[address] = grant
