@@ -123,7 +123,7 @@ class Snapshots:
 
     def _stands(self, version: int, decision: Decision, now: float) -> bool:
         grant = decision.grant
-        if grant is not None and grant.expires_at > now:  # not yet begun (the clock stepped back): look again
+        if grant is not None and grant.expires_at > now:  # not expired (not begun, say): time may turn it
             return False
         self.networks()  # each read again if its file changed, which counts a change
         self.denials()

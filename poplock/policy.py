@@ -53,6 +53,7 @@ class PolicyHandler:
         self.decisions = 0
         self.allowed = 0
         self._replies = {DUNNO: format_reply(DUNNO), config.policy_action: format_reply(config.policy_action)}
+        self._refusals_level = logging.INFO if config.policy_log_refused else logging.DEBUG
         self.sync = ReaderSync(config.reader_socket, config.reader_wait, warnings, self.snapshots.read_again) if (
             config.reader_socket and config.reader_wait) else None
 
@@ -101,9 +102,8 @@ class PolicyHandler:
                       attributes.get("recipient", "?"), address=address, user=user,
                       expires=decision.grant.expires_at if decision.grant and not decision.network else None)
             return self.config.policy_action
-        level = logging.INFO if self.config.policy_log_refused else logging.DEBUG
-        if log.isEnabledFor(level):  # inbound mail is mostly refusals: no line made for nobody
-            log_event(log, level, events.RELAY_REFUSED, "%s", describe(decision, now), address=address)
+        if log.isEnabledFor(self._refusals_level):  # inbound mail is mostly refusals: no line made for nobody
+            log_event(log, self._refusals_level, events.RELAY_REFUSED, "%s", describe(decision, now), address=address)
         return DUNNO
 
     def _header(self, decision) -> str:
