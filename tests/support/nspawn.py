@@ -262,14 +262,18 @@ class Container:
         return self.systemctl("status", "--full", "--lines=20", unit, check=False).stdout
 
     def journal(self, *matches: str, after_cursor: str | None = None) -> list[dict[str, str]]:
-        """Entries of this boot matching FIELD=value `matches` (journalctl's rules), oldest first."""
+        """Entries of this boot matching FIELD=value `matches` (journalctl's rules), oldest first;
+        with `after_cursor`, those after that entry, whether it matches or not."""
         arguments = ["journalctl", "--boot", "--no-pager", "--output=json", "--all", *matches]
         if after_cursor is not None:
-            arguments.insert(1, f"--after-cursor={after_cursor}")
+            # Not --after-cursor: it steps over one entry more than --cursor, which with matches is the
+            # first matching entry after a cursor entry that does not match.
+            arguments.insert(1, f"--cursor={after_cursor}")
         result = self.run(*arguments, check=False)
         if result.returncode != 0 and "No entries" not in result.stderr:
             raise AssertionError(f"journalctl failed: {result.stderr}")
-        return [_entry(json.loads(line)) for line in result.stdout.splitlines() if line.startswith("{")]
+        entries = [_entry(json.loads(line)) for line in result.stdout.splitlines() if line.startswith("{")]
+        return [entry for entry in entries if entry["__CURSOR"] != after_cursor]
 
     def read_file(self, path: str) -> str:
         """A file of the container (the root's /etc, /var, /opt ...; not /run or /tmp, which are its own)."""
