@@ -243,28 +243,24 @@ class ReaderSync:
         waiting, self._next = self._next, []
         self._in_flight += 1
         self.asked += 1
-        task = asyncio.get_running_loop().create_task(self._exchange())
-        task.add_done_callback(lambda done: self._answered(waiting, done.result()))
+        question = _Question(self, waiting)
+        question.timer = asyncio.get_running_loop().call_later(self.wait, question.fail, TimeoutError())
+        link = self._link
+        if link is not None and not link.lost:
+            link.ask(question)
+        else:
+            asyncio.get_running_loop().create_task(self._connect_for(question))
 
-    async def _exchange(self) -> dict:
-        """The grants the read made that its answer gives (key -> Grant); {} for none or no answer."""
+    async def _connect_for(self, question: "_Question") -> None:
+        """Ask `question` once the connection is made (once for the questions that wait). A question
+        that times out meanwhile is answered then; the connection goes on being made for the next."""
         try:
-            async with asyncio.timeout(self.wait):
-                link = await self._connected()
-                answer = await link.ask()
-            if answer == b"ok":
-                return {}
-            if not answer.startswith(b"ok "):
-                raise ConnectionError(f"it answered {answer[:40]!r}")
-            return link.grants(answer[3:])
-        except (OSError, TimeoutError, ConnectionError, ValueError) as error:
-            if self._link is not None:  # its state is unknown now: the next question makes a new one
-                self._link.close()
-                self._link = None
-            self.warnings.warn("reader silent", "poplock-reader did not read the journal for a refusal within "
-                               "[Store] ReaderWait=%s (%s): deciding from the store as it is",
-                               describe_span(self.wait), getattr(error, "strerror", None) or error or "no answer")
-            return {}
+            link = await self._connected()
+        except OSError as error:
+            question.fail(error)
+            return
+        if not question.over:
+            link.ask(question)
 
     async def _connected(self) -> _ReaderLink:
         """The connection kept to the reader, made again when lost (once for the questions that wait)."""
@@ -281,6 +277,17 @@ class ReaderSync:
                 self._connecting = None
         self._link = link
         return link
+
+    def _failed(self, error: BaseException, link: "_ReaderLink | None") -> None:
+        """A question that got no answer in time, or no reader's answer, on `link` (None: it was not
+        asked yet, the connection still being made)."""
+        if link is not None:  # its state is unknown now: the next question makes a new connection
+            link.close()
+            if link is self._link:
+                self._link = None
+        self.warnings.warn("reader silent", "poplock-reader did not read the journal for a refusal within "
+                           "[Store] ReaderWait=%s (%s): deciding from the store as it is",
+                           describe_span(self.wait), getattr(error, "strerror", None) or str(error) or "no answer")
 
     def _answered(self, waiting: list, fresh: dict) -> None:
         self._in_flight -= 1
@@ -302,6 +309,50 @@ class ReaderSync:
             self._link = None
 
 
+class _Question:
+    """One question to the reader and the refusals waiting for its read: answered once, by the
+    reader's answer, a failure or the end of ReaderWait=, whichever comes first. Callbacks, not a
+    task: the refusals are answered in the turn of the loop that reads the answer."""
+
+    __slots__ = ("sync", "waiting", "timer", "over", "link")
+
+    def __init__(self, sync: ReaderSync, waiting: list):
+        self.sync = sync
+        self.waiting = waiting
+        self.timer = None
+        self.over = False
+        self.link: _ReaderLink | None = None  # the connection it was asked on
+
+    def answer(self, line: bytes) -> None:
+        """The reader's answer: `ok`, or `ok` and the grants the read made."""
+        if self.over:
+            return
+        if line == b"ok":
+            self._finish({})
+        elif not line.startswith(b"ok "):
+            self.fail(ConnectionError(f"it answered {line[:40]!r}"))
+        else:
+            try:
+                fresh = self.link.grants(line[3:])
+            except ValueError as error:
+                self.fail(error)
+                return
+            self._finish(fresh)
+
+    def fail(self, error: BaseException) -> None:
+        self._finish({}, error)
+
+    def _finish(self, fresh: dict, error: BaseException | None = None) -> None:
+        if self.over:
+            return
+        self.over = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if error is not None:
+            self.sync._failed(error, self.link)
+        self.sync._answered(self.waiting, fresh)
+
+
 class _ReaderLink(asyncio.Protocol):
     """The connection to poplock-reader's ReaderSocket=: each question a line, and its answer a line,
     in the order asked."""
@@ -312,18 +363,17 @@ class _ReaderLink(asyncio.Protocol):
         self.transport = None
         self.lost = False
         self._buffer = b""
-        self._answers: deque[asyncio.Future] = deque()  # one for each question not answered yet
+        self._questions: deque[_Question] = deque()  # the questions not answered yet, in order
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         connection = transport.get_extra_info("socket")
         self.peer_may_tell = connection is not None and peer_is_us(connection)
 
-    def ask(self) -> asyncio.Future:
-        answer = asyncio.get_running_loop().create_future()
-        self._answers.append(answer)
+    def ask(self, question: _Question) -> None:
+        question.link = self
+        self._questions.append(question)
         self.transport.write(b"sync grants\n" if self.peer_may_tell else b"sync\n")
-        return answer
 
     def grants(self, text: bytes) -> dict:
         """The grants of an answer `ok {...}`: key -> Grant; nothing unless the peer may tell them.
@@ -349,26 +399,21 @@ class _ReaderLink(asyncio.Protocol):
                     self._fail(ConnectionError("it sent a line too long to be an answer"))
                 return
             self._buffer = rest
-            if not self._answers:  # an answer to no question: not the reader's protocol
+            if not self._questions:  # an answer to no question: not the reader's protocol
                 self._fail(ConnectionError(f"it sent {line[:40]!r} unasked"))
                 return
-            answer = self._answers.popleft()
-            if not answer.done():  # else its question timed out: the connection is closed anyway
-                answer.set_result(line)
+            self._questions.popleft().answer(line)  # a question timed out takes no notice
 
     def connection_lost(self, error) -> None:
         self._fail(error or ConnectionError("it closed the connection"))
 
     def _fail(self, error: Exception) -> None:
         self.lost = True
-        while self._answers:
-            answer = self._answers.popleft()
-            if not answer.done():
-                answer.set_exception(error)
+        while self._questions:
+            self._questions.popleft().fail(error)
         self.close()
 
     def close(self) -> None:
         self.lost = True
         if self.transport is not None:
             self.transport.close()
-

@@ -3,6 +3,7 @@ asks poplock-reader to read the journal up to now ([Store] ReaderSocket=) before
 with the fallback timer off (RecheckInterval=0, the default) so that nothing else would save it.
 On a real journald, with the real reader, `poplock check`, relaylock and poplock-policy."""
 
+import signal
 import socket
 import subprocess
 import sys
@@ -165,6 +166,46 @@ def test_the_policy_service_asks_over_one_connection_and_makes_another_when_the_
                     logged_and_readable(fresh, address)
                     assert action(address) == b"action=OK\n", (round_number, index)
         connection.close()
+
+
+def test_a_stuck_reader_leaves_refusals_to_the_store_within_the_wait_and_a_new_connection_asks_once_it_is_back(
+        fresh):
+    """The reader stopped (SIGSTOP) holds the kept connection open and answers nothing: every refusal
+    waiting on that question is answered from the store when ReaderWait= is over, the wait is
+    logged, and once the reader goes on, the next refusal asks over a new connection."""
+    with ReaderProcess(fresh) as reader, PolicyProcess(fresh) as policy:
+        first, second = (socket.create_connection(("127.0.0.1", policy.port), timeout=30) for _ in range(2))
+
+        def send(connection: socket.socket, address: str) -> None:
+            connection.sendall(f"request=smtpd_access_policy\nclient_address={address}\n\n".encode())
+
+        def reply(connection: socket.socket) -> bytes:
+            answer = b""
+            while not answer.endswith(b"\n\n"):
+                answer += connection.recv(256)
+            return answer
+
+        send(first, "10.87.0.1")
+        assert reply(first) == b"action=DUNNO\n\n"  # asked the reader: the connection to it is made
+        reader.process.send_signal(signal.SIGSTOP)
+        try:
+            logged_and_readable(fresh, "10.87.0.2")  # in the journal, and the reader cannot read it
+            send(first, "10.87.0.2")
+            send(second, "10.87.0.3")
+            assert reply(first) == b"action=DUNNO\n\n"
+            assert reply(second) == b"action=DUNNO\n\n"
+            assert "did not read the journal for a refusal within [Store] ReaderWait=1s (no answer)" in policy.output()
+        finally:
+            reader.process.send_signal(signal.SIGCONT)
+        logged_and_readable(fresh, "10.87.0.4")
+        send(second, "10.87.0.4")
+        assert reply(second) == b"action=OK\n\n"
+        send(first, "10.87.0.2")
+        assert reply(first) == b"action=OK\n\n"  # read by now: the read for 10.87.0.4 came after it
+        assert policy.output().count("did not read the journal") == 1  # the two refusals shared the question
+        first.close()
+        second.close()
+        assert reader.process.poll() is None
 
 
 def test_a_peer_of_the_readers_own_user_asking_for_grants_is_told_them_and_any_other_is_not(fresh, tmp_path):
