@@ -243,13 +243,14 @@ class ReaderSync:
         waiting, self._next = self._next, []
         self._in_flight += 1
         self.asked += 1
+        loop = asyncio.get_running_loop()
         question = _Question(self, waiting)
-        question.timer = asyncio.get_running_loop().call_later(self.wait, question.fail, TimeoutError())
+        question.timer = loop.call_later(self.wait, question.fail, TimeoutError())
         link = self._link
         if link is not None and not link.lost:
             link.ask(question)
         else:
-            asyncio.get_running_loop().create_task(self._connect_for(question))
+            loop.create_task(self._connect_for(question))
 
     async def _connect_for(self, question: "_Question") -> None:
         """Ask `question` once the connection is made (once for the questions that wait). A question

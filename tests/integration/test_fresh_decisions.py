@@ -170,9 +170,10 @@ def test_the_policy_service_asks_over_one_connection_and_makes_another_when_the_
 
 def test_a_stuck_reader_leaves_refusals_to_the_store_within_the_wait_and_a_new_connection_asks_once_it_is_back(
         fresh):
-    """The reader stopped (SIGSTOP) holds the kept connection open and answers nothing: every refusal
-    waiting on that question is answered from the store when ReaderWait= is over, the wait is
-    logged, and once the reader goes on, the next refusal asks over a new connection."""
+    """The reader stopped (SIGSTOP) answers nothing: each refusal is answered from the store once the
+    wait of the question it waits on is over (the first on the kept connection, the second on a new
+    one that the stopped reader's socket still accepts), the silence is warned of, and once the
+    reader goes on, the next refusal asks over a new connection again."""
     with ReaderProcess(fresh) as reader, PolicyProcess(fresh) as policy:
         first, second = (socket.create_connection(("127.0.0.1", policy.port), timeout=30) for _ in range(2))
 
@@ -202,7 +203,7 @@ def test_a_stuck_reader_leaves_refusals_to_the_store_within_the_wait_and_a_new_c
         assert reply(second) == b"action=OK\n\n"
         send(first, "10.87.0.2")
         assert reply(first) == b"action=OK\n\n"  # read by now: the read for 10.87.0.4 came after it
-        assert policy.output().count("did not read the journal") == 1  # the two refusals shared the question
+        assert policy.output().count("did not read the journal") == 1  # the second silence counted, not logged
         first.close()
         second.close()
         assert reader.process.poll() is None
