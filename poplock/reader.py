@@ -461,14 +461,18 @@ class Reader:
         grants = transaction.grants
         if config.max_addresses_per_user and login.user is not None:
             known = transaction.users.addresses(login.user)
-            live = [address for address in known if address != key and
-                    (grant := grants.get(address)) is not None and grant.user == login.user and grant.is_live(now)]
-            if len(live) >= config.max_addresses_per_user:
-                if live != known:
-                    transaction.users.set(login.user, live)
-                return "over-limit", live
-            if live + [key] != known:
-                transaction.users.set(login.user, live + [key])
+            others = [address for address in known if address != key]
+            # Only a full list can be over the limit: the grants are looked up (and the dead
+            # ones dropped) then, not for every login of a user with fewer addresses.
+            if len(others) >= config.max_addresses_per_user:
+                others = [address for address in others if (grant := grants.get(address)) is not None and
+                          grant.user == login.user and grant.is_live(now)]
+                if len(others) >= config.max_addresses_per_user:
+                    if others != known:
+                        transaction.users.set(login.user, others)
+                    return "over-limit", others
+            if others + [key] != known:
+                transaction.users.set(login.user, others + [key])
         # A timestamp ahead of our clock (another host's journal) must not stretch a grant.
         new = grant_for_login(key, min(login.time, now), config.window, login.source, login.user)
         old = grants.get(key)

@@ -1,11 +1,13 @@
 """poplock-reader on real journal files made with systemd-journal-remote: grants, trust, catch-up, resume."""
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from support.journald import write_journal_file
+from support.poplock import Setup, command
 
 from poplock.logs import iso_time
 from poplock.storewriter import StoreWriter
@@ -334,3 +336,25 @@ def test_a_store_another_program_holds_at_start_is_waited_for_not_replaced(setup
     assert list(grants(setup)) == ["198.51.100.1"]  # not rebuilt away
     setup.run_reader("--file", str(journal))
     assert sorted(grants(setup)) == ["192.0.2.81", "198.51.100.1"]
+
+
+def test_a_users_expired_addresses_do_not_count_toward_max_addresses_per_user(tmp_path, journal):
+    """The user index is looked through only once it is full; then its dead addresses are dropped,
+    so a user whose earlier grants have run out logs in from a new address and gets a grant."""
+    setup = Setup(tmp_path, extra="\n[Grants]\nMaxAddressesPerUser=2\n")
+    now = time.time()
+    write_journal_file(journal, [dovecot(login_line(f"192.0.2.{60 + index}"), now - 100 + index * 10)
+                                 for index in range(3)])
+    first = setup.run_reader("--file", str(journal))
+    assert "login from 192.0.2.62 granted nothing: its user already holds live grants for 2 addresses" in first.stderr
+    assert sorted(grants(setup)) == ["192.0.2.60", "192.0.2.61"]
+
+    # 41 minutes on, past the window of the first two: a login from a third address.
+    write_journal_file(journal, [dovecot(login_line("192.0.2.63"), now + 40 * 60)])
+    later = subprocess.run(["faketime", "-f", "+41m", command("poplock-reader"), "-c", str(setup.config), "--once",
+                            "--file", str(journal)], capture_output=True, text=True, timeout=120)
+    assert later.returncode == 0, later.stderr
+    assert "granted 192.0.2.63" in later.stderr and "granted nothing" not in later.stderr
+    checked = subprocess.run(["faketime", "-f", "+41m", command("poplock"), "-c", str(setup.config), "check",
+                              "192.0.2.63"], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout
