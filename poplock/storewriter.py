@@ -557,7 +557,7 @@ class StoreWriter:
         merged = len(new.grants) > self.merge_after
         if merged:
             new.epoch = os.urandom(8).hex().encode()
-            new.base_name = self._write_base(base if new.base_name else None, new.grants)
+            new.base_name = self._write_base(base if new.base_name else None, new.grants, changed)
             new.grants = {}
         self._changes_since_rewrite += len(changed)
         afresh = replace or cleared or state.afresh or merged or (
@@ -720,12 +720,14 @@ class StoreWriter:
             published.close()
         return True
 
-    def _write_base(self, base: Base | None, top: dict[str, Grant | None]) -> str:
-        """A new base holding `base` with `top` applied, fsynced under a name of its own; its name."""
+    def _write_base(self, base: Base | None, top: dict[str, Grant | None],
+                    encoded: dict[bytes, bytes | None] | None = None) -> str:
+        """A new base holding `base` with `top` applied, fsynced under a name of its own; its name.
+        `encoded`: raw values of top's keys made already (a catch-up's thousands of grants)."""
         name = f"{os.path.basename(self.path)}.base-{os.urandom(8).hex()}"
         path = f"{self.directory}/{name}"
         try:
-            _write_base_file(path, base.path if base is not None else None, top)
+            _write_base_file(path, base.path if base is not None else None, top, encoded=encoded)
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 self._give_to_directory_owner(fd)
@@ -1153,14 +1155,14 @@ def _write_top_afresh(path: str, state: State, structure: dict, count: int) -> N
 
 
 def _write_base_file(path: str, old_base: str | None, top: dict[str, Grant | None], *,
-                     rename: bool = True) -> None:
+                     rename: bool = True, encoded: dict[bytes, bytes | None] | None = None) -> None:
     """`old_base` with `top` applied (tombstones remove), written to PATH.new and fsynced, then
     (with `rename`) renamed to PATH, the directory synced."""
     new_path = path + ".new"
     fd = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, SNAPSHOT_MODE)  # see _write_top
     try:
         os.fchmod(fd, SNAPSHOT_MODE)  # whatever the umask: the SMTP side must be able to read it
-        _fill_base(new_path, old_base, top)
+        _fill_base(new_path, old_base, top, encoded or {})
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -1169,12 +1171,14 @@ def _write_base_file(path: str, old_base: str | None, top: dict[str, Grant | Non
         _fsync_directory(os.path.dirname(path) or ".")
 
 
-def _fill_base(new_path: str, old_base: str | None, top: dict[str, Grant | None]) -> None:
+def _fill_base(new_path: str, old_base: str | None, top: dict[str, Grant | None],
+               encoded: dict[bytes, bytes | None]) -> None:
     snapshot = _gdbm.open(new_path, "nf", SNAPSHOT_MODE)
     count = 0
-    replaced = {address.encode("utf-8", "surrogateescape") for address in top}
+    keys = {address: address.encode("utf-8", "surrogateescape") for address in top}
     try:
         if old_base is not None:
+            replaced = set(keys.values())
             source = _gdbm.open(old_base, "r")
             try:
                 read, expected = 0, None
@@ -1193,7 +1197,8 @@ def _fill_base(new_path: str, old_base: str | None, top: dict[str, Grant | None]
                 source.close()
         for address, grant in top.items():
             if grant is not None:
-                snapshot[address.encode("utf-8", "surrogateescape")] = _encode(grant)
+                key = keys[address]
+                snapshot[key] = encoded.get(key) or _encode(grant)
                 count += 1
         snapshot[COUNT_KEY] = b"%d" % count
     finally:
