@@ -13,7 +13,9 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 
-from systemd import journal
+# The C module alone: systemd.journal's Python layer imports uuid, traceback and more, and
+# start-up is most of a short catch-up.
+from systemd import _reader as journal
 
 log = logging.getLogger("poplock.follow")
 

@@ -72,14 +72,16 @@ def held_lines():
 
 def _journal_output(identifier: str, fallback=None):
     """Native journal entries; when journald cannot take one, `fallback` gets it (if any)."""
-    from systemd import journal
+    # The C module's sendv(), as systemd.journal.send() calls it: that module's Python layer
+    # imports uuid, traceback and more at every program's start.
+    from systemd._journal import sendv
 
     def write(level: int, text: str, fields: dict) -> None:
         try:
-            # CODE_* given: python-systemd would otherwise walk the stack for them on every entry,
-            # which costs more than the rest of sending (an expiry logs thousands).
-            journal.send(text, PRIORITY=str(_journal_priority(level)), SYSLOG_IDENTIFIER=identifier,
-                         CODE_FILE="poplock", CODE_LINE=0, CODE_FUNC=identifier, **fields)
+            # CODE_* given, as journald would otherwise have none (send() walks the stack for them).
+            sendv("MESSAGE=" + text, f"PRIORITY={_journal_priority(level)}", "SYSLOG_IDENTIFIER=" + identifier,
+                  "CODE_FILE=poplock", "CODE_LINE=0", "CODE_FUNC=" + identifier,
+                  *[f"{name}={value}" for name, value in fields.items()])
         except OSError:  # journald restarting, stopped, or its queue full: never fail the caller
             if fallback is not None:
                 fallback(level, text, fields)
