@@ -7,7 +7,8 @@ as an admin runs it (its default output, the goal's baseline), and two reference
 side of it: printing only each MESSAGE (`-o cat`, the least journalctl can do) and every
 field with the cursor and the time (`-o export`, what a follower needs to know of an entry).
 Measured: `poplock scan -D D` (parsing alone) and `poplock-reader --once -D D` (no saved
-cursor, so every entry is read and every login committed).
+cursor, so every entry is read and every login committed), and as a floor for any reader in
+Python, a loop of only sd_journal_next, one MESSAGE fetch and the Dovecot login pattern.
 
 The machine is shared and noisy, so one run is not a result: ROUNDS rounds (default 9) each
 run every command once, in turn (the next round backwards), and then each on a journal of
@@ -22,11 +23,14 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from common import Setup, bench_setup, command, spread, timed, verdict
+
+from poplock.servers import DOVECOT
 
 ENTRIES = 200_000
 ROUNDS = int(os.environ.get("ROUNDS", "9"))
@@ -73,6 +77,25 @@ def build_unwatched_journal(path: Path) -> None:
     subprocess.run([JOURNAL_REMOTE, "-o", str(path), "-"], input=entry.encode(), check=True, capture_output=True)
 
 
+# The least a reader in Python does: step through the matching entries (sd_journal_next), fetch
+# each one's MESSAGE and try the Dovecot login pattern on it. What poplock adds is what it costs
+# beyond this: trust, sessions, the store, its imports.
+FLOOR = """
+import re, sys
+sys.path.append("/usr/lib/python3/dist-packages")
+from systemd import _reader
+reader = _reader._Reader(flags=0, path=sys.argv[1])
+for match in sys.argv[3:]:
+    reader.add_match(match)
+    reader.add_disjunction()
+pattern, found = re.compile(sys.argv[2]), 0
+while reader._next():
+    if pattern.fullmatch(reader._get("MESSAGE").decode("utf-8", "replace")):
+        found += 1
+print(found)
+"""
+
+
 def fresh_reader_run(setup: Setup, journal: Path) -> float:
     """poplock-reader --once on the journal in `journal`, with no store or cursor yet: every
     entry is read and every login committed (on a journal of no login: its start-up alone)."""
@@ -88,6 +111,8 @@ def commands(setup: Setup, match: list[str]) -> dict[str, object]:
             (lambda journal, output=output: timed(["journalctl", "-D", str(journal), *match, "-o", output],
                                                   stderr=subprocess.DEVNULL))
             for output, what in OUTPUTS.items()}
+    runs["python floor (next, MESSAGE, regex)"] = lambda journal: timed(
+        [sys.executable, "-IS", "-c", FLOOR, str(journal), DOVECOT.patterns[0], *match[::2]], stderr=subprocess.DEVNULL)
     runs["poplock scan (parsing alone)"] = lambda journal: timed(
         [command("poplock"), "-c", str(setup.config), "scan", "-D", str(journal)], stderr=subprocess.DEVNULL)
     runs["poplock-reader --once (grants written)"] = lambda journal: fresh_reader_run(setup, journal)
