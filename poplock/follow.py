@@ -67,6 +67,10 @@ class JournalEntry(Mapping):
     def __contains__(self, name) -> bool:
         return self.get(name) is not None
 
+    def seconds(self) -> float:
+        """__REALTIME_TIMESTAMP in seconds."""
+        return self._reader._get_realtime() / 1e6
+
     @property
     def cursor(self) -> str:
         return self._reader._get_cursor()

@@ -89,7 +89,8 @@ class Unmatched(NamedTuple):
 
 
 def entry_time(entry: Mapping[str, str]) -> float:
-    return int(entry["__REALTIME_TIMESTAMP"]) / 1e6
+    seconds = getattr(entry, "seconds", None)  # follow.JournalEntry: from the header, not through text
+    return seconds() if seconds is not None else int(entry["__REALTIME_TIMESTAMP"]) / 1e6
 
 
 class LoginParser:

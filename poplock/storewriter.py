@@ -150,21 +150,19 @@ class Grants(MutableMapping):
     def base_value(self, key: str) -> bytes | None:
         """The base's raw value for `key` (None: none), read from the file once per transaction:
         counting, publishing and the changes themselves ask again (an expiry, 100,000 times)."""
-        try:
+        # `in`, not a KeyError: most keys are asked for once (a catch-up's thousands of new addresses).
+        if key in self._base_values:
             return self._base_values[key]
-        except KeyError:
-            value = self._base_values[key] = self._base.get(key)
-            return value
+        value = self._base_values[key] = self._base.get(key)
+        return value
 
     def _published(self, address: str) -> Grant | None:
         if self.cleared:
             return None
         if address in self._state.grants:
             return self._state.grants[address]
-        try:
+        if address in self._base_grants:
             return self._base_grants[address]
-        except KeyError:
-            pass
         value = self.base_value(address)
         try:
             grant = None if value is None else decode_grant(address, value)
