@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 from support.journald import write_journal_file
-from support.poplock import Setup, command
+from support.poplock import Setup, command, faketime
 
 EX_CONFIG = 78
 EX_IOERR = 74
@@ -135,10 +135,6 @@ def test_a_read_only_store_directory_is_an_error_naming_the_path_and_leaks_nothi
 
 
 # Clock steps, with the real programs under libfaketime: expiry is an absolute time.
-
-def faketime(offset: str, *command_line: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["faketime", "-f", offset, *command_line], capture_output=True, text=True, timeout=60)
-
 
 def test_a_clock_stepped_back_a_day_does_not_keep_a_grant_for_a_day_and_the_window(setup):
     setup.run("add", "192.0.2.7", check=True)

@@ -32,6 +32,11 @@ def command_for_everyone(name: str) -> str:
     return str(reachable_by_everyone(Path(command(name))))
 
 
+def faketime(offset: str, *command_line: str) -> subprocess.CompletedProcess:
+    """COMMAND_LINE run under libfaketime with its clock moved by OFFSET (faketime -f, e.g. "+41m")."""
+    return subprocess.run(["faketime", "-f", offset, *command_line], capture_output=True, text=True, timeout=60)
+
+
 def grant_keys(snapshot) -> list[bytes]:
     """The keys of an open store snapshot that are grants (not "#" bookkeeping)."""
     return [key for key in snapshot.keys() if not key.startswith((b"#", b"~"))]
