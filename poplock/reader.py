@@ -471,8 +471,9 @@ class Reader:
                     if others != known:
                         transaction.users.set(login.user, others)
                     return "over-limit", others
-            if others + [key] != known:
-                transaction.users.set(login.user, others + [key])
+            updated = others + [key]
+            if updated != known:
+                transaction.users.set(login.user, updated)
         # A timestamp ahead of our clock (another host's journal) must not stretch a grant.
         new = grant_for_login(key, min(login.time, now), config.window, login.source, login.user)
         old = grants.get(key)
