@@ -23,40 +23,45 @@ FIELDS = ("MESSAGE", "_UID", "_SYSTEMD_UNIT", "SYSLOG_IDENTIFIER", "_PID", "_COM
 # Where journald keeps this machine's system journal (runtime, then persistent); see systemd-journald(8).
 JOURNAL_DIRECTORIES = ("/run/log/journal", "/var/log/journal")
 ONLINE_FILE = "system.journal"
+_HEADER_FIELDS = frozenset(("__REALTIME_TIMESTAMP", "__MONOTONIC_TIMESTAMP", "__CURSOR"))
 _GONE = "gone"  # JournalFollower._first_after: the cursor's entry is not in the files followed
 
 
 class JournalEntry(Mapping):
     """The follower's current entry as a read-only mapping of field name to text.
 
-    Fields are fetched on demand: most entries are rejected after their MESSAGE alone,
-    and fetching every field of every entry would cost more than parsing them.
+    Its data fields are fetched all at once, on the first look: sd-journal finds a field by
+    walking the entry's fields, so the five or six a login needs (one or two of them fields
+    the entry lacks, walked in full) cost more than one walk that takes them all.
     """
 
-    __slots__ = ("_reader", "_field", "sender")
+    __slots__ = ("_reader", "_fields", "sender")
 
     def __init__(self, reader, sender: str | None = None):
         self._reader = reader
-        self._field = reader._get  # bound once: get() runs for nearly every entry read
+        self._fields = None  # until the first look; read() clears it at each step
         # The POP host whose received journal holds the entry (received.py), None for this
         # host's own journal: the transport's word on who wrote it, never a field inside it.
         self.sender = sender
 
     def __getitem__(self, name: str) -> str:
-        if name == "__REALTIME_TIMESTAMP":  # kept in the entry's header, not its data
-            return str(self._reader._get_realtime())
         value = self.get(name)
         if value is None:
             raise KeyError(name)
         return value
 
     def get(self, name: str, default=None):
-        try:
-            return self._field(name).decode("utf-8", "replace")
-        except KeyError:
+        if name in _HEADER_FIELDS:  # kept in the entry's header, never its data (even in a crafted file)
+            return str(self._reader._get_realtime()) if name == "__REALTIME_TIMESTAMP" else default
+        fields = self._fields
+        if fields is None:
+            fields = self._fields = self._reader._get_all()
+        value = fields.get(name)
+        if value is None:
             return default
-        except ValueError:  # "__" names are not data fields
-            return self[name] if name == "__REALTIME_TIMESTAMP" else default
+        if value.__class__ is list:  # a field given more than once: the first, as sd_journal_get_data()
+            value = value[0]
+        return value.decode("utf-8", "replace")
 
     def __iter__(self):
         return iter(name for name in ("__REALTIME_TIMESTAMP",) + FIELDS if name in self)
@@ -180,6 +185,7 @@ class JournalFollower:
                     return
                 looked_again = True
                 continue
+            entry._fields = None  # a new entry: its fields are fetched on its first look
             yield entry
 
     def _follow_live(self, known: set[int], since: float, position: str | None) -> None:
