@@ -1,8 +1,9 @@
 """Following the journal: the thin shell over python-systemd's low-level reader.
 
-Reads only the fields login parsing needs (fetching every field of every entry is
-what makes the high-level Reader slow), resumes from a saved cursor, and hands out the
-journal's inotify descriptor to wait on (reader.py says why it also re-reads).
+Takes each entry's fields as bytes in one walk and decodes only those login parsing asks
+for (converting every field is what makes the high-level Reader slow), resumes from a
+saved cursor, and hands out the journal's inotify descriptor to wait on (reader.py says
+why it also re-reads).
 See sd_journal_open(3), sd_journal_seek_cursor(3), sd_journal_get_fd(3).
 """
 
